@@ -1,0 +1,1 @@
+"""Forget-target prompt classification (lexical, semantic, learned stages). Built by the classifier issue."""

@@ -1,0 +1,68 @@
+"""Errors as values: one exception type carrying an OpenAI error envelope and its HTTP status.
+
+Engines and handlers raise ``GatewayError`` (or a subclass); the app turns it into
+``{"error": {"message", "type", "param", "code"}}`` with ``status``. Nothing else reaches the client.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        if status is not None:
+            self.status = status
+
+    def envelope(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "not_found_error"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class UpstreamError(GatewayError):
+    """The inference worker failed or could not be reached."""
+
+    status = 502
+    type = "upstream_error"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible surface: protocol models, handler and router."""

@@ -1,0 +1,84 @@
+"""All configuration in one pydantic-settings model (ARCHITECTURE §8).
+
+Every field is an environment variable ``UNLEARN_<NAME>``; the same names (lower case, without the
+prefix) may come from a YAML or TOML file named by ``--config`` / ``UNLEARN_CONFIG``. The environment wins.
+List settings take comma-separated values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    return {str(k).lower().removeprefix("unlearn_"): v for k, v in data.items()}
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls, path: str | None):
+        super().__init__(settings_cls)
+        self._data = read_config_file(path) if path else {}
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used instead
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UNLEARN_", extra="ignore")
+
+    config: str | None = Field(None, description="YAML or TOML file with more settings (environment wins)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    api_keys: CommaList = Field(default_factory=list, description="keys for the OpenAI routes; empty = open")
+    admin_keys: CommaList = Field(default_factory=list, description="keys for /admin")
+    store_url: str = Field("", description="redis:// or rediss:// URL; empty = embedded file store")
+    engine: Literal["local", "vllm"] = "local"
+    model: str = Field("demo", description="model path, 'demo' or 'demo-retain' for the local engine")
+    served_model_name: str | None = Field(None, description="model id shown to clients; default: the model")
+    device: str = Field("auto", description="torch device of the local engine: auto, cpu, cuda, cuda:1 ...")
+    worker_urls: CommaList = Field(default_factory=list, description="vLLM or reference worker base URLs")
+    upstream_connect_timeout_s: float = 5.0
+    upstream_read_timeout_s: float = 600.0
+    upstream_retries: int = Field(2, ge=0, description="extra workers tried on connect errors (never mid-stream)")
+    health_interval_s: float = Field(5.0, gt=0, description="seconds between worker health checks")
+    local_max_concurrency: int = Field(8, ge=1, description="requests the local engine decodes at once")
+    log_level: str = "info"
+
+    @field_validator("api_keys", "admin_keys", "worker_urls", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("worker_urls")
+    @classmethod
+    def _strip_slash(cls, value: list[str]) -> list[str]:
+        return [url.rstrip("/") for url in value]
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        import os
+
+        config_path = os.environ.get("UNLEARN_CONFIG")
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls, config_path), file_secret_settings)
