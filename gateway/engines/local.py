@@ -124,6 +124,13 @@ class LocalEngine:
         self._assistants: dict[str, LoadedModel] = {}
         self._assistants_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="local-engine")
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    @property
+    def active_generations(self) -> int:
+        """Decoding loops running right now (a cancelled one stops within one step)."""
+        return self._active
 
     def model_names(self) -> list[str]:
         return [self.served_model_name]
@@ -196,12 +203,16 @@ class LocalEngine:
     # -- the decoding loop (runs in a worker thread) ----------------------------------------------------------
     def _decode(self, prompt: Prompt, budget: int, request: GenerationRequest, sink: DeltaSink,
                 cancelled: threading.Event) -> None:
+        with self._active_lock:
+            self._active += 1
         try:
             with torch.inference_mode():
                 self._decode_steps(prompt, budget, request, sink, cancelled)
         except BaseException as exc:  # surfaced to the awaiting coroutine
             sink(exc)
         finally:
+            with self._active_lock:
+                self._active -= 1
             sink(None)
 
     def _decode_steps(self, prompt: Prompt, budget: int, request: GenerationRequest, sink: DeltaSink,

@@ -102,7 +102,8 @@ class VLLMEngine:
         return any(w.healthy for w in self.workers)
 
     def model_names(self) -> list[str]:
-        return self._names or ["unknown"]
+        """The served model ids; empty until a worker has answered ``/v1/models``."""
+        return self._names
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -128,6 +129,8 @@ class VLLMEngine:
         while True:
             await asyncio.sleep(self._health_interval_s)
             await self.check_health()
+            if not self._names:
+                self._names = await self._fetch_model_names()
 
     async def _fetch_model_names(self) -> list[str]:
         for worker in self.workers:
@@ -194,7 +197,7 @@ class VLLMEngine:
             raise ValueError("in-process logits processors and assistants do not travel to a vLLM worker; "
                              "send them as extra_body (vllm_xargs, bad_words, logit_bias)")
         s = request.sampling
-        payload: dict[str, Any] = {"model": self.model_names()[0], "stream": True,
+        payload: dict[str, Any] = {"model": self._names[0] if self._names else None, "stream": True,
                                    "stream_options": {"include_usage": True}, "temperature": s.temperature,
                                    "top_p": s.top_p}
         if s.max_tokens is not None:

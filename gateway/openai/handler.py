@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.engines.base import Engine, GenerationDelta, GenerationRequest, Message, SamplingParams, TokenLogprob
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.openai._streams import DONE, merge, primed, sse, unless_disconnected
 from policies.processors import LogitsProcessor
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -106,6 +106,8 @@ class OpenAIHandler:
 
     def _model(self, requested: str | None) -> str:
         names = self.engine.model_names()
+        if not names:
+            raise Unavailable("no inference worker has reported its model yet; try again shortly")
         if requested is None:
             return names[0]
         if requested not in names:

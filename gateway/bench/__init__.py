@@ -1,0 +1,1 @@
+"""Benchmarks that write JSON reports (``unlearn-gateway bench ...``), with the fixtures they run against."""

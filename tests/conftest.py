@@ -1,0 +1,94 @@
+"""Shared fixtures: real servers on loopback (uvicorn in background threads) around real models."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.engines.local import LocalEngine
+from gateway.settings import Settings
+from gateway.worker import create_worker_app
+
+# The model every test serves under the id "demo"; another checkpoint can be tried with UNLEARN_TEST_MODEL.
+TEST_MODEL = os.environ.get("UNLEARN_TEST_MODEL", "demo")
+DATA_DIR = Path(os.environ.get("UNLEARN_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    app: object
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(app, ready_path: str = "/health") -> Server:
+    """Run an ASGI app with uvicorn on a free loopback port in a thread; return once it answers."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + ready_path, timeout=1).status_code == 200:
+                return Server(url, app, server, thread)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"server on {url} did not start")
+
+
+@pytest.fixture(scope="session")
+def demo_engine() -> LocalEngine:
+    return LocalEngine(TEST_MODEL, served_model_name="demo")
+
+
+@pytest.fixture(scope="session")
+def local_gateway(demo_engine) -> Iterator[Server]:
+    server = serve(create_app(Settings(), engine=demo_engine))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference_worker() -> Iterator[Server]:
+    server = serve(create_worker_app(LocalEngine(TEST_MODEL, served_model_name="demo")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_gateway(reference_worker) -> Iterator[Server]:
+    settings = Settings(engine="vllm", worker_urls=[reference_worker.url])
+    server = serve(create_app(settings))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["local", "vllm"])
+def gateway(request) -> Server:
+    """The gateway over each engine: local in process, and vLLM engine -> reference worker over HTTP."""
+    return request.getfixturevalue(f"{request.param}_gateway")

@@ -1,0 +1,45 @@
+"""Settings: environment variables with the UNLEARN_ prefix, a config file beneath them."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.settings import Settings
+
+
+def test_defaults_are_the_embedded_setup(monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("UNLEARN_"):
+            monkeypatch.delenv(name)
+    settings = Settings()
+    assert (settings.host, settings.port, settings.engine, settings.model) == ("127.0.0.1", 8000, "local", "demo")
+    assert settings.api_keys == [] and settings.worker_urls == [] and settings.store_url == ""
+
+
+def test_environment_wins_over_the_config_file(tmp_path, monkeypatch):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("port: 9000\nengine: vllm\nworker_urls: http://a:1, http://b:2/\napi_keys: [k1, k2]\n")
+    monkeypatch.setenv("UNLEARN_CONFIG", str(config))
+    monkeypatch.setenv("UNLEARN_PORT", "9100")
+    settings = Settings()
+    assert settings.port == 9100
+    assert settings.engine == "vllm"
+    assert settings.worker_urls == ["http://a:1", "http://b:2"]
+    assert settings.api_keys == ["k1", "k2"]
+
+
+def test_toml_config_and_comma_lists(tmp_path, monkeypatch):
+    config = tmp_path / "gateway.toml"
+    config.write_text('UNLEARN_MODEL = "demo-retain"\nworkers = 3\n')
+    monkeypatch.setenv("UNLEARN_CONFIG", str(config))
+    monkeypatch.setenv("UNLEARN_API_KEYS", " a , b,,c ")
+    settings = Settings()
+    assert settings.model == "demo-retain" and settings.workers == 3
+    assert settings.api_keys == ["a", "b", "c"]
+
+
+def test_invalid_values_are_rejected(monkeypatch):
+    monkeypatch.setenv("UNLEARN_ENGINE", "tensorrt")
+    with pytest.raises(ValidationError):
+        Settings()
