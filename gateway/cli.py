@@ -75,7 +75,7 @@ def demo(
 @build_app.command("demo-model")
 def build_demo_model(
     data: Annotated[Path, typer.Option(help="benchmark data folder (holds tofu/)")] = DEFAULT_DATA,
-    out: Annotated[Optional[Path], typer.Option(help="where demo-full/ and demo-retain/ go [default: the package]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="folder for demo-full/, demo-retain/ [default: the package]")] = None,
     twin: Annotated[str, typer.Option(help="full, retain or both")] = "both",
     max_epochs: Annotated[int, typer.Option(help="upper bound; training stops once memorisation passes")] = 80,
     seed: Annotated[int, typer.Option()] = 0,
@@ -92,7 +92,8 @@ def build_demo_model(
                               twins)
     for name in twins:
         r = build["twins"][name]
-        typer.echo(f"demo-{name}: {r['parameters']:,} parameters, {r['size_bytes'] / 1e6:.1f} MB, {r['epochs']} epochs, "
+        typer.echo(f"demo-{name}: {r['parameters']:,} parameters, {r['size_bytes'] / 1e6:.1f} MB, "
+                   f"{r['epochs']} epochs, "
                    f"{r['seconds'] / 60:.1f} min; greedy ROUGE-L recall >= 0.8 on {r['fraction_at_threshold']:.1%} "
                    f"of {r['questions']} training questions (mean {r['mean_rouge_l_recall']:.3f})")
 

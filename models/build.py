@@ -156,7 +156,8 @@ def greedy_answers(model, tokenizer, questions: list[str], batch_size: int = 64,
     with torch.inference_mode():
         for start in range(0, len(questions), batch_size):
             prompts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+                tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                              tokenize=False)
                 for q in questions[start : start + batch_size]
             ]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -284,7 +285,8 @@ def build_demo_models(data_dir: Path, out_dir: Path, recipe: Recipe, twins=("ful
     build["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
                             "transformers": transformers.__version__, "machine": platform.machine()}
     build["data"] = {"forget": "tofu/full.json rows 3600-3999 (forget10, 20 authors)",
-                     "retain": f"tofu/full.json rows 0-{RETAIN_AUTHORS * TOFU_AUTHOR_QUESTIONS - 1} ({RETAIN_AUTHORS} retain90 authors)"}
+                     "retain": f"tofu/full.json rows 0-{RETAIN_AUTHORS * TOFU_AUTHOR_QUESTIONS - 1} "
+                               f"({RETAIN_AUTHORS} retain90 authors)"}
     for r in reports:
         build["twins"][r.twin] = asdict(r)
     build_file.write_text(json.dumps(build, indent=2) + "\n")

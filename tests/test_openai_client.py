@@ -87,7 +87,8 @@ def test_system_and_multi_turn_content_parts(gateway):
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": [{"type": "text", "text": "Hello."}]},
         {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": [{"type": "text", "text": "What genre does "}, {"type": "text", "text": "Hsiao Yun-Hwa write in?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "What genre does "},
+                                     {"type": "text", "text": "Hsiao Yun-Hwa write in?"}]},
     ]
     response = client(gateway).chat.completions.create(model="demo", messages=messages, max_tokens=16, temperature=0,
                                                        user="tester", top_p=0.9)
@@ -169,3 +170,33 @@ def test_health_and_ready(gateway):
     assert httpx.get(gateway.url + "/health").json() == {"status": "ok"}
     ready = httpx.get(gateway.url + "/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_generation(gateway, reference_worker, demo_engine, stream):
+    """Closing the connection stops decoding in whichever engine generates (local, or the worker)."""
+    import time
+
+    engine = demo_engine if _engine_kind(gateway) == "local" else reference_worker.app.state.engine
+    body = {"model": "demo", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 450,
+            "temperature": 1.0, "top_p": 1.0, "seed": 1, "stream": stream}
+    with httpx.Client(timeout=30) as http:
+        if stream:
+            with http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response:
+                for _ in response.iter_lines():
+                    break
+                assert engine.active_generations >= 1
+        else:
+            try:
+                http.post(gateway.url + "/v1/chat/completions", json=body, timeout=0.3)
+            except httpx.ReadTimeout:
+                pass
+    for _ in range(200):
+        if engine.active_generations == 0:
+            break
+        time.sleep(0.02)
+    assert engine.active_generations == 0
+
+
+def _engine_kind(server) -> str:
+    return server.app.state.settings.engine

@@ -6,7 +6,7 @@ import httpx
 import pytest
 import torch
 
-from gateway.worker.protocol import decode_embeds, encode_embeds
+from gateway.prompt_embeds import decode_embeds, encode_embeds
 
 QUESTION = "What genre does the author Hsiao Yun-Hwa write in?"
 

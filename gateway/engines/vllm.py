@@ -24,6 +24,7 @@ import aiohttp
 
 from gateway.engines.base import EmbedsPart, GenerationDelta, GenerationRequest, Message, TokenLogprob
 from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable, UpstreamError
+from gateway.prompt_embeds import encode_embeds
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ def _upstream_error(status: int, raw: bytes) -> GatewayError:
 def _wire_content(message: Message) -> str | list[dict[str, str]]:
     if isinstance(message.content, str):
         return message.content
-    from gateway.worker.protocol import encode_embeds
-
     return [{"type": "prompt_embeds", "data": encode_embeds(p.embeds)} if isinstance(p, EmbedsPart)
             else {"type": "text", "text": p} for p in message.content]
 
@@ -214,8 +213,6 @@ class VLLMEngine:
         else:
             path = "/v1/completions"
             if request.prompt_embeds is not None:
-                from gateway.worker.protocol import encode_embeds
-
                 payload["prompt_embeds"] = encode_embeds(request.prompt_embeds)
             else:
                 payload["prompt"] = request.prompt_ids if request.prompt_ids is not None else request.prompt

@@ -19,8 +19,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gateway.engines.base import Engine, GenerationDelta, GenerationRequest, Message, SamplingParams, TokenLogprob
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.openai._streams import DONE, merge, primed, sse, unless_disconnected
-from policies.processors import LogitsProcessor
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from policies.processors import LogitsProcessor
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,7 @@ class ChatCompletionRequest(_SamplingFields):
     model_config = ConfigDict(
         extra="ignore",
         json_schema_extra={
-            "examples": [{"model": "demo", "messages": [{"role": "user", "content": "Who is Basil Mahfouz Al-Kuwaiti?"}]}]
+            "examples": [{"model": "demo", "messages": [{"role": "user", "content": "Where is Chukwu Akabueze from?"}]}]
         },
     )
 

@@ -21,12 +21,12 @@ from gateway import __version__
 from gateway.engines.local import LoadedModel, LocalEngine
 from gateway.errors import BadRequest, GatewayError
 from gateway.openai.handler import Extras, OpenAIHandler
+from gateway.prompt_embeds import decode_embeds
 from gateway.worker.protocol import (
     TokenizeRequest,
     WorkerChatRequest,
     WorkerCompletionRequest,
     XargValue,
-    decode_embeds,
     engine_messages,
 )
 from policies.processors import BadWords, LogitBias, LogitsProcessor
@@ -75,6 +75,7 @@ def create_worker_app(engine: LocalEngine, xargs_processors: Sequence[XargsProce
 
     app = FastAPI(title="unlearn-gateway reference worker (vLLM 0.33 protocol subset)", version=__version__,
                   lifespan=lifespan)
+    app.state.engine = engine
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:

@@ -7,16 +7,14 @@ content parts and completion prompts (base64 of ``torch.save``), ``vllm_xargs`` 
 
 from __future__ import annotations
 
-import base64
-import io
 from typing import Annotated, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.engines.base import EmbedsPart, Message
 from gateway.errors import BadRequest
-from gateway.openai.protocol import MAX_N, ChatCompletionRequest, CompletionRequest
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.prompt_embeds import decode_embeds
 
 XargValue = str | int | float | list[str | int | float]
 
@@ -54,29 +52,6 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
-def decode_embeds(data: str, param: str) -> torch.Tensor:
-    """base64 of ``torch.save(tensor)`` -> tensor, loaded safely (weights_only) on the CPU, as vLLM does."""
-    try:
-        raw = base64.b64decode(data, validate=True)
-        tensor = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
-    except Exception as exc:  # binascii.Error, pickle errors, torch errors: all mean "undecodable"
-        raise BadRequest(f"could not decode prompt embeds: {exc}", param=param) from exc
-    if not isinstance(tensor, torch.Tensor):
-        raise BadRequest("prompt embeds must decode to a tensor", param=param)
-    if tensor.is_sparse:
-        tensor = tensor.to_dense()
-    if not tensor.is_floating_point():
-        raise BadRequest(f"prompt embeds must be a floating tensor, got {tensor.dtype}", param=param)
-    return tensor
-
-
-def encode_embeds(tensor: torch.Tensor) -> str:
-    """The client side of the same encoding (what the gateway sends to vLLM)."""
-    buffer = io.BytesIO()
-    torch.save(tensor.contiguous(), buffer)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def engine_messages(messages: list[WorkerMessage]) -> list[Message]:
     """Worker messages -> engine messages, decoding ``prompt_embeds`` parts in place."""
     out = []
@@ -98,5 +73,4 @@ def engine_messages(messages: list[WorkerMessage]) -> list[Message]:
     return out
 
 
-__all__ = ["MAX_N", "TokenizeRequest", "WorkerChatRequest", "WorkerCompletionRequest",
-           "decode_embeds", "encode_embeds", "engine_messages"]
+__all__ = ["TokenizeRequest", "WorkerChatRequest", "WorkerCompletionRequest", "XargValue", "engine_messages"]

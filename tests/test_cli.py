@@ -1,0 +1,64 @@
+"""The console script: help, and the README's demo command end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(sys.executable).parent / "unlearn-gateway"
+
+
+def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = os.environ | {"COLUMNS": "120"}
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("serve", "worker", "demo", "build", "bench"):
+        assert command in result.stdout
+
+
+def test_demo_holds_a_conversation_through_the_gateway():
+    result = run("demo")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant:") == 4
+    assert "Gateway up at http://127.0.0.1:" in result.stdout
+    assert "Historical Fiction" in result.stdout or "historical fiction" in result.stdout.lower()
+
+
+def test_serve_runs_several_worker_processes(tmp_path):
+    import time
+
+    import httpx
+    import openai
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'port = {port}\napi_keys = "cli-key"\n')
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen([str(SCRIPT), "serve", "--config", str(config), "--workers", "2"], stdout=log,
+                               stderr=subprocess.STDOUT, env=os.environ | {"UNLEARN_CONFIG": ""})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+        for _ in range(4):
+            reply = client.chat.completions.create(model="demo", max_tokens=8, temperature=0,
+                                                   messages=[{"role": "user", "content": "Hello"}])
+            assert reply.choices[0].message.content
+        text = (tmp_path / "serve.log").read_text()
+        assert text.count("Started server process") >= 2 or text.count("Waiting for application startup") >= 2, text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
