@@ -75,7 +75,7 @@ def demo(
 @build_app.command("demo-model")
 def build_demo_model(
     data: Annotated[Path, typer.Option(help="benchmark data folder (holds tofu/)")] = DEFAULT_DATA,
-    out: Annotated[Optional[Path], typer.Option(help="folder for demo-full/, demo-retain/ [default: the package]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="folder for the twins [default: the package]")] = None,
     twin: Annotated[str, typer.Option(help="full, retain or both")] = "both",
     max_epochs: Annotated[int, typer.Option(help="upper bound; training stops once memorisation passes")] = 80,
     seed: Annotated[int, typer.Option()] = 0,

@@ -147,3 +147,17 @@ def test_text_stream_flushes_the_tail_without_a_stop():
     stream = TextStream(_CharTokenizer(), stop=("xyz",))
     shown = "".join(stream.push(ord(c)) for c in "abx")
     assert shown + stream.flush() == "abx"
+
+
+def test_sample_next_survives_extreme_inputs():
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    assert sample_next(logits, 1e-9, 1.0, torch.Generator().manual_seed(0)) == 2
+    banned = torch.full((3,), float("-inf"))
+    assert sample_next(banned, 1.0, 0.9, torch.Generator().manual_seed(0)) in {0, 1, 2}
+
+
+async def test_any_int64_seed_is_accepted(demo_engine):
+    for seed in (-1, 2**63 - 1, -(2**63)):
+        text, _ = await run(demo_engine, GenerationRequest("a", SamplingParams(max_tokens=3, temperature=1.0, seed=seed),
+                                                           messages=[Message("user", QUESTION)]))
+        assert isinstance(text, str)

@@ -102,6 +102,7 @@ def run_http_client_bench(duration_s: float = 8.0, levels: Sequence[int] = DEFAU
         "upstream": {"fixture": "gateway.bench.synthetic_upstream", "chunks": SYNTHETIC_CHUNKS,
                      "interval_ms": SYNTHETIC_INTERVAL_MS},
         "load_generator": f"aiohttp streaming clients, closed loop, {_load.client_loop_name()} event loop",
+        "throughput": _load.THROUGHPUT_DEFINITION,
         "interleaving": "per level, rounds cycle direct/httpx/aiohttp, reversing order every round",
         "rounds_per_level": _load.rounds_for(duration_s), "machine": _load.machine(),
     }

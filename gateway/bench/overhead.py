@@ -163,6 +163,7 @@ def run_overhead_bench(duration_s: float = 8.0, gateway_workers: int = 2, levels
         "gateway_env": {"UNLEARN_ENGINE": "vllm", "UNLEARN_WORKER_URLS": "<upstream>",
                         "UNLEARN_LOG_LEVEL": GATEWAY_LOG_LEVEL},
         "load_generator": f"aiohttp streaming clients, closed loop, {_load.client_loop_name()} event loop",
+        "throughput": _load.THROUGHPUT_DEFINITION,
         "interleaving": "per level, rounds alternate direct/gateway in ABBA order",
         "goals_apply_to": "the synthetic upstream: it isolates the gateway; at 64 streams a CPU-bound worker "
                           "saturates and both paths mostly measure the model",

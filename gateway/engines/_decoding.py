@@ -6,12 +6,17 @@ from collections.abc import Sequence
 
 import torch
 
+# Below this temperature sampling is numerically greedy (logits / t overflows), so decode greedily.
+GREEDY_BELOW = 1e-5
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Pick the next token from 1-D logits: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0.0:
+    """Pick the next token from 1-D logits: greedy at temperature ~0, else nucleus sampling."""
+    if temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.nan_to_num(torch.softmax(logits.float() / temperature, dim=-1), nan=0.0)
+    if float(probs.sum()) <= 0.0:  # every token was forbidden: nothing to sample from
+        return int(torch.argmax(logits))
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).

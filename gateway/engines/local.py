@@ -221,7 +221,8 @@ class LocalEngine:
         sampling = request.sampling
         generator = None
         if sampling.seed is not None:
-            generator = torch.Generator(device=main.device).manual_seed(sampling.seed)
+            # OpenAI seeds are any int64; torch wants [0, 2**64).
+            generator = torch.Generator(device=main.device).manual_seed(sampling.seed % 2**64)
         stream = TextStream(main.tokenizer, sampling.stop)
 
         def first_step(loaded: LoadedModel, with_embeds: bool):

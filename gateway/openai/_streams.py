@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -19,27 +19,34 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def primed(stream: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
-    """Pull the first item, so that errors raised before generation starts become plain HTTP errors."""
+async def primed(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """Pull the first item now, so that errors raised before generation starts become plain HTTP errors;
+    the returned stream yields it again, then the rest, and closes ``stream`` when closed."""
     first = await anext(stream)
 
-    async def rest() -> AsyncIterator[T]:
-        yield first
-        async for item in stream:
-            yield item
+    async def replay() -> AsyncGenerator[T, None]:
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()
 
-    return first, rest()
+    return replay()
 
 
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merge(streams: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
     """Interleave several streams as ``(index, item)``; closing the merged stream closes them all."""
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[T, None]) -> None:
         try:
             async for item in stream:
                 await queue.put((index, item))
@@ -63,9 +70,7 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for stream in streams:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await stream.aclose()
 
 
 async def wait_for_disconnect(request: Request) -> None:

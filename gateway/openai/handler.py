@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -186,11 +186,10 @@ class OpenAIHandler:
 
     # -- serving ---------------------------------------------------------------------------------------------
     async def _serve(self, job: _Job, body, request: Request) -> Response:
-        streams: list[AsyncIterator[GenerationDelta]] = []
+        streams: list[AsyncGenerator[GenerationDelta, None]] = []
         try:
             for choice in job.choices:
-                _, stream = await primed(self.engine.generate(choice.request))
-                streams.append(stream)
+                streams.append(await primed(self.engine.generate(choice.request)))
         except BaseException:
             for stream in streams:
                 await stream.aclose()
@@ -204,7 +203,7 @@ class OpenAIHandler:
             return Response(status_code=499)
         return JSONResponse(result)
 
-    async def _collect(self, job: _Job, streams: list[AsyncIterator[GenerationDelta]]) -> dict[str, Any]:
+    async def _collect(self, job: _Job, streams: list[AsyncGenerator[GenerationDelta, None]]) -> dict[str, Any]:
         texts = [""] * len(job.choices)
         logprobs: list[list[TokenLogprob]] = [[] for _ in job.choices]
         finish: list[str | None] = [None] * len(job.choices)
@@ -236,7 +235,7 @@ class OpenAIHandler:
             "usage": _usage(prompt_tokens, completion_tokens),
         }
 
-    async def _events(self, job: _Job, streams: list[AsyncIterator[GenerationDelta]],
+    async def _events(self, job: _Job, streams: list[AsyncGenerator[GenerationDelta, None]],
                       include_usage: bool) -> AsyncIterator[bytes]:
         created = int(time.time())
         object_name = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
