@@ -158,6 +158,6 @@ def test_sample_next_survives_extreme_inputs():
 
 async def test_any_int64_seed_is_accepted(demo_engine):
     for seed in (-1, 2**63 - 1, -(2**63)):
-        text, _ = await run(demo_engine, GenerationRequest("a", SamplingParams(max_tokens=3, temperature=1.0, seed=seed),
-                                                           messages=[Message("user", QUESTION)]))
+        sampling = SamplingParams(max_tokens=3, temperature=1.0, seed=seed)
+        text, _ = await run(demo_engine, GenerationRequest("a", sampling, messages=[Message("user", QUESTION)]))
         assert isinstance(text, str)

@@ -29,6 +29,9 @@ from gateway.prompt_embeds import encode_embeds
 log = logging.getLogger(__name__)
 
 
+_JSON = {"content-type": "application/json"}
+
+
 @dataclass
 class Worker:
     url: str
@@ -153,7 +156,7 @@ class VLLMEngine:
                     return self.workers[index]
         return None
 
-    async def _post(self, path: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _post(self, path: str, payload: bytes) -> aiohttp.ClientResponse:
         """POST to a worker; move on to the next one only when the connection could not be made."""
         tried: set[int] = set()
         last_error: Exception | None = None
@@ -162,7 +165,7 @@ class VLLMEngine:
             if worker is None:
                 break
             try:
-                return await self.session.post(f"{worker.url}{path}", json=payload)
+                return await self.session.post(f"{worker.url}{path}", data=payload, headers=_JSON)
             except aiohttp.ClientConnectorError as exc:
                 worker.healthy = False
                 last_error = exc
@@ -170,8 +173,9 @@ class VLLMEngine:
         raise Unavailable(f"no inference worker reachable ({last_error})")
 
     # -- serving ---------------------------------------------------------------------------------------------
-    async def relay(self, path: str, payload: dict[str, Any]) -> Relayed:
-        """Send a sanitised OpenAI request and pass the answer through. Errors become ``GatewayError``s."""
+    async def relay(self, path: str, payload: bytes) -> Relayed:
+        """Send a sanitised OpenAI request (JSON bytes) and pass the answer through. Errors become
+        ``GatewayError``s."""
         response = await self._post(path, payload)
         if response.status != 200:
             raw = await response.read()
@@ -223,7 +227,7 @@ class VLLMEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         path, payload = self._payload(request)
-        relayed = await self.relay(path, payload)
+        relayed = await self.relay(path, json.dumps(payload).encode())
         chat = path.endswith("chat/completions")
         pending: GenerationDelta | None = None
         buffer = b""

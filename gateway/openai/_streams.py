@@ -8,6 +8,8 @@ from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
 _END = object()
@@ -91,3 +93,44 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
         return None
     finally:
         watcher.cancel()
+
+
+class EventStreamResponse(Response):
+    """An ASGI response streaming bytes as they come; a client disconnect cancels the stream at once.
+
+    Starlette's StreamingResponse needs a task group per response on uvicorn (ASGI spec 2.3); this costs one
+    watcher task, and cancels the producer even while it waits for the next upstream chunk.
+    """
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None,
+                 media_type: str = "text/event-stream"):
+        self.chunks = chunks
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"} | (headers or {}))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.current_task()
+        disconnected = False
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected = True
+            if streaming is not None:
+                streaming.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+        finally:
+            watcher.cancel()
+            await self.chunks.aclose()

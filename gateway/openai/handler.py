@@ -14,11 +14,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from gateway.engines.base import Engine, GenerationDelta, GenerationRequest, Message, SamplingParams, TokenLogprob
 from gateway.errors import GatewayError, NotFound, Unavailable
-from gateway.openai._streams import DONE, merge, primed, sse, unless_disconnected
+from gateway.openai._streams import DONE, EventStreamResponse, merge, primed, sse, unless_disconnected
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from policies.processors import LogitsProcessor
 
@@ -175,10 +175,10 @@ class OpenAIHandler:
         relay = getattr(self.engine, "relay", None)
         if relay is None:
             return None
-        relayed = await relay(path, body.model_dump(exclude_none=True) | {"model": model})
+        payload = body.model_copy(update={"model": model}).model_dump_json(exclude_none=True).encode()
+        relayed = await relay(path, payload)
         if body.stream:
-            return StreamingResponse(relayed.body, media_type=relayed.content_type,
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return EventStreamResponse(relayed.body, media_type=relayed.content_type)
         content = await unless_disconnected(request, _read_all(relayed.body))
         if content is None:
             return Response(status_code=499)
@@ -196,8 +196,7 @@ class OpenAIHandler:
             raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._events(job, streams, include_usage), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return EventStreamResponse(self._events(job, streams, include_usage))
         result = await unless_disconnected(request, self._collect(job, streams))
         if result is None:  # the client left; nothing to answer
             return Response(status_code=499)

@@ -12,7 +12,7 @@ from gateway.openai.handler import OpenAIHandler
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 
 
-def get_handler(request: Request) -> OpenAIHandler:
+async def get_handler(request: Request) -> OpenAIHandler:  # async: no thread-pool hop per request
     return request.app.state.openai_handler
 
 
