@@ -113,9 +113,9 @@ class Target(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _derive_id(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("id") is None and isinstance(data.get("name"), str):
-            if data["name"].strip():
-                return {**data, "id": slugify(data["name"])}
+        name = data.get("name") if isinstance(data, dict) else None
+        if isinstance(name, str) and name.strip() and data.get("id") is None:
+            return {**data, "id": slugify(name)}
         return data
 
 
@@ -130,7 +130,8 @@ class TargetPatch(BaseModel):
 
     A ``policy`` with the same method as the current one is merged field by field (JSON merge-patch style:
     ``{"policy": {"method": "eco", "sigma": 2}}`` changes only sigma); a different method replaces the policy,
-    its unset parameters taking their defaults. ``id`` may be given only if it equals the current id.
+    its unset parameters taking their defaults; either way a policy patch names its method. ``id`` may be given
+    only if it equals the current id.
     """
 
     model_config = _STRICT
@@ -154,7 +155,7 @@ class TargetPatch(BaseModel):
         """Return a new validated Target; raise ``ValidationError`` (loc ``id``) on an attempt to rename."""
         if self.id is not None and self.id != target.id:
             raise ValidationError.from_exception_data("TargetPatch", [InitErrorDetails(
-                type=PydanticCustomError("id_immutable", "id cannot change (is {current!r})",
+                type=PydanticCustomError("id_immutable", "id cannot change (it is '{current}')",
                                          {"current": target.id}),
                 loc=("id",), input=self.id)])
         changes = self.model_dump(exclude_unset=True, exclude={"id", "policy"})
