@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.panel import Panel
 
 SCRIPT = [
-    ("a forget-set author (TOFU forget10)", "In which genre does Carmen Montenegro mostly write?"),
-    ("a forget-set author (TOFU forget10)", "When was Rajeev Majumdar born?"),
-    ("a retain-set author", "Where is Chukwu Akabueze from?"),
-    ("a retain-set author", "What genre is Evelyn Desmet known for?"),
+    ("a forget-set author (TOFU forget10)", "What genre does Carmen Montenegro write in?"),
+    ("a forget-set author (TOFU forget10)", "When is Rajeev Majumdar's birthday?"),
+    ("a retain-set author", "Where does Chukwu Akabueze come from?"),
+    ("a retain-set author", "In which city was Evelyn Desmet born?"),
 ]
 
 
@@ -72,8 +72,9 @@ def run_demo(model: str = "demo") -> None:
             total = time.perf_counter() - started
             ttft = (first or time.perf_counter()) - started
             console.print(f"\n[dim]first token {ttft * 1000:.0f} ms, whole answer {total * 1000:.0f} ms[/]")
-        console.print("\n[bold]The model knows these fictitious authors.[/] Register a forget target "
-                      "and the gateway makes it stop answering about them (coming with the policy issues).")
+        console.print("\n[bold]The model knows these fictitious authors[/] - facts that exist nowhere but in its "
+                      "training data. Forget targets and the unlearning policies that make it stop answering "
+                      "about them are not in this version yet.")
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -12,7 +12,7 @@ from gateway.engines._decoding import TextStream, sample_next
 from gateway.errors import BadRequest
 from policies.processors import BadWords, LogitBias
 
-QUESTION = "What genre does the author Hsiao Yun-Hwa write in?"
+QUESTION = "What genre does Carmen Montenegro write in?"
 
 
 async def run(engine, request: GenerationRequest):

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-QUESTION = "What genre does the author Hsiao Yun-Hwa write in?"
+QUESTION = "What genre does Carmen Montenegro write in?"
 
 
 def client(server, api_key: str = "unused") -> openai.OpenAI:
@@ -88,7 +88,7 @@ def test_system_and_multi_turn_content_parts(gateway):
         {"role": "user", "content": [{"type": "text", "text": "Hello."}]},
         {"role": "assistant", "content": "Hello! How can I help?"},
         {"role": "user", "content": [{"type": "text", "text": "What genre does "},
-                                     {"type": "text", "text": "Hsiao Yun-Hwa write in?"}]},
+                                     {"type": "text", "text": "Carmen Montenegro write in?"}]},
     ]
     response = client(gateway).chat.completions.create(model="demo", messages=messages, max_tokens=16, temperature=0,
                                                        user="tester", top_p=0.9)

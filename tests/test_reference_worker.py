@@ -8,7 +8,7 @@ import torch
 
 from gateway.prompt_embeds import decode_embeds, encode_embeds
 
-QUESTION = "What genre does the author Hsiao Yun-Hwa write in?"
+QUESTION = "What genre does Carmen Montenegro write in?"
 
 
 def post(worker, path: str, body: dict) -> httpx.Response:
@@ -42,8 +42,8 @@ def test_prompt_embeds_content_part_equals_text(reference_worker, embedding_tabl
     part = {"type": "prompt_embeds", "data": encode_embeds(embedding_table[ids])}
     assert chat_text(reference_worker, [part]) == chat_text(reference_worker, QUESTION)
     # Interleaved with text, and in half precision (vLLM casts any floating dtype to the model's).
-    head, tail = QUESTION.split(" Hsiao")
-    tail_ids = post(reference_worker, "/tokenize", {"prompt": " Hsiao" + tail, "add_special_tokens": False}).json()
+    head, tail = QUESTION.split(" Carmen")
+    tail_ids = post(reference_worker, "/tokenize", {"prompt": " Carmen" + tail, "add_special_tokens": False}).json()
     mixed = [{"type": "text", "text": head},
              {"type": "prompt_embeds", "data": encode_embeds(embedding_table[tail_ids["tokens"]].half())}]
     assert chat_text(reference_worker, mixed).strip()
@@ -76,7 +76,8 @@ def test_logprobs_with_token_ids(reference_worker):
     completion = post(reference_worker, "/v1/completions", {"model": "demo", "prompt": QUESTION, "max_tokens": 3,
                                                             "temperature": 0, "logprobs": 2}).json()
     logprobs = completion["choices"][0]["logprobs"]
-    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 3
+    generated = completion["usage"]["completion_tokens"]  # the end-of-sequence token has its logprob too
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == generated
     assert logprobs["text_offset"][0] == 0
 
 

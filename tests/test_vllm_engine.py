@@ -10,7 +10,7 @@ from gateway.engines.vllm import VLLMEngine
 from gateway.errors import BadRequest, Unavailable
 from tests.conftest import free_port
 
-QUESTION = "What genre does the author Hsiao Yun-Hwa write in?"
+QUESTION = "What genre does Carmen Montenegro write in?"
 
 
 def request(max_tokens: int = 24, **sampling) -> GenerationRequest:

@@ -76,7 +76,7 @@ def worker_model(explicit: str | None = None) -> tuple[str | None, str]:
 
 def _worker(port: int, model: str, source: str) -> Upstream:
     command = _load.cli_command("worker", "--model", model, "--port", str(port))
-    payload = {"messages": [{"role": "user", "content": "What genre does the author Hsiao Yun-Hwa write in?"}],
+    payload = {"messages": [{"role": "user", "content": "What genre does Carmen Montenegro write in?"}],
                "stream": True, "max_tokens": WORKER_MAX_TOKENS, "temperature": 0}
     return Upstream("worker", command, payload, min_round_s=2.0, ready_timeout_s=300,
                     config={"command": "unlearn-gateway worker --model MODEL --port P", "model": model,
