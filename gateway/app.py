@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -10,13 +11,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import __version__, health
-from gateway.auth import APIKeyMiddleware, KeyRing
+from gateway import __version__, health, metrics
+from gateway.admin import router as admin_router
+from gateway.admin.handler import AdminHandler
+from gateway.auth import APIKeyMiddleware, KeySource, ensure_admin_key
 from gateway.engines import Engine, build_engine
 from gateway.errors import BadRequest, GatewayError
 from gateway.openai import router as openai_router
 from gateway.openai.handler import OpenAIHandler
+from gateway.registry import TargetStore, open_store
+from gateway.registry.reload import IndexBuilder, TargetReloader
 from gateway.settings import Settings
+from gateway.targets_middleware import TargetsVersionMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +58,52 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error", "server_error")
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the gateway. ``engine`` may be given (tests, benchmarks); else it follows the settings."""
+def create_app(settings: Settings | None = None, engine: Engine | None = None, *, store: TargetStore | None = None,
+               index_builders: Sequence[IndexBuilder] = ()) -> FastAPI:
+    """Build the gateway. ``engine`` and ``store`` may be given (tests, benchmarks); else they follow the settings.
+
+    ``index_builders`` turn each target set into what the request path needs (the classifier's index); every
+    worker process rebuilds them off the request path whenever the set changes (``gateway.registry.reload``).
+    """
     settings = settings or Settings()
+    admin_keys = ensure_admin_key(settings.admin_keys, settings.admin_keys_file)
+    own_store = store is None
+    target_store = store if store is not None else open_store(settings.store_url, settings.store_path,
+                                                              prefix=settings.store_prefix)
+    reloader = TargetReloader(target_store, index_builders, resync_interval_s=settings.resync_interval_s,
+                              grace_s=settings.store_grace_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own_engine = engine is None
         app.state.engine = engine if engine is not None else build_engine(settings)
-        await app.state.engine.start()
-        app.state.openai_handler = OpenAIHandler(app.state.engine)
         try:
+            await reloader.start()
+            await app.state.engine.start()
+            app.state.openai_handler = OpenAIHandler(app.state.engine)
+            app.state.admin_handler = AdminHandler(target_store, reloader)
             yield
         finally:
+            await reloader.aclose()
+            if own_store:
+                await target_store.aclose()
             if own_engine:
                 await app.state.engine.aclose()
 
     app = FastAPI(title="unlearn-gateway", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible gateway that makes a served model forget named targets.")
     app.state.settings = settings
+    app.state.store = target_store
+    app.state.targets = reloader
+    app.state.metrics_registry = metrics.build_registry(reloader)
     app.include_router(openai_router.router)
+    app.include_router(admin_router.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     _install_error_handlers(app)
-    app.add_middleware(APIKeyMiddleware, keys=KeyRing(settings.api_keys))
+    app.add_middleware(TargetsVersionMiddleware, reloader=reloader)  # inside auth: rejected requests skip it
+    app.add_middleware(APIKeyMiddleware, keys=KeySource(settings.api_keys, settings.api_keys_file),
+                       admin_keys=KeySource(admin_keys, settings.admin_keys_file))
     return app
 
 

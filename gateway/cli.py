@@ -9,12 +9,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from gateway.admin.cli import targets_app
+
 app = typer.Typer(help="OpenAI-compatible gateway that makes a served LLM forget named targets.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 build_app = typer.Typer(help="Build shipped artefacts.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (JSON reports; run them on a quiet machine).", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluations on the shared benchmark data (JSON + Markdown reports).", no_args_is_help=True)
 app.add_typer(build_app, name="build")
 app.add_typer(bench_app, name="bench")
+app.add_typer(eval_app, name="eval")
+app.add_typer(targets_app, name="targets")
 
 DEFAULT_DATA = Path("../shared/data")
 
@@ -36,10 +41,15 @@ def serve(
     """Run the gateway. With no configuration: the local engine with the demo model on 127.0.0.1:8000."""
     import uvicorn
 
+    from gateway.auth import ensure_admin_key
     from gateway.settings import Settings
 
     _set_env(config=config.resolve() if config else None, host=host, port=port, workers=workers)
     settings = Settings()
+    # Generated here, once, so every worker process accepts the same admin key (they inherit the environment).
+    admin_keys = ensure_admin_key(settings.admin_keys, settings.admin_keys_file)
+    if admin_keys != settings.admin_keys:
+        os.environ["UNLEARN_ADMIN_KEYS"] = ",".join(admin_keys)
     uvicorn.run("gateway.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level, loop="uvloop", http="httptools")
 
@@ -121,6 +131,22 @@ def bench_http_client(
     from gateway.bench.http_client import run_http_client_bench
 
     report = run_http_client_bench(duration_s=duration)
+    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(json.dumps(report["metrics"], indent=2))
+
+
+@bench_app.command("reload")
+def bench_reload(
+    json_out: Annotated[Path, typer.Option("--json", help="report file")] = Path("bench-reload.json"),
+    changes: Annotated[int, typer.Option(help="single-target writes timed for propagation")] = 200,
+    import_size: Annotated[int, typer.Option(help="targets in the timed bulk import (0 = skip)")] = 10_000,
+    gateways: Annotated[int, typer.Option(help="gateway processes on the one Redis")] = 2,
+    workers: Annotated[int, typer.Option(help="worker processes per gateway")] = 2,
+) -> None:
+    """Hot reload across replicas: write -> every worker serves it (p50/p99), and a 10,000-target import."""
+    from gateway.bench.reload import run_reload_bench
+
+    report = run_reload_bench(changes=changes, import_size=import_size, gateways=gateways, workers=workers)
     json_out.write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(json.dumps(report["metrics"], indent=2))
 

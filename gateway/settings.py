@@ -29,6 +29,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {str(k).lower().removeprefix("unlearn_"): v for k, v in data.items()}
 
 
+def default_store_path() -> Path:
+    """Where the embedded store lives by default: ``$XDG_DATA_HOME/unlearn-gateway/targets.db``, i.e.
+    ``~/.local/share/unlearn-gateway/targets.db`` — per user and outside the working directory, so targets
+    survive a fresh checkout and every ``serve`` of one user sees the same set."""
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "unlearn-gateway" / "targets.db"
+
+
 class _ConfigFileSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls, path: str | None):
         super().__init__(settings_cls)
@@ -49,8 +59,17 @@ class Settings(BaseSettings):
     port: int = 8000
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     api_keys: CommaList = Field(default_factory=list, description="keys for the OpenAI routes; empty = open")
-    admin_keys: CommaList = Field(default_factory=list, description="keys for /admin")
+    admin_keys: CommaList = Field(default_factory=list, description="keys for /admin; empty (and no keys file) = "
+                                  "one is generated at startup and printed once to stderr")
+    api_keys_file: Path | None = Field(None, description="secrets file with more OpenAI-route keys, one per line; "
+                                       "re-read when it changes (rotation without restart)")
+    admin_keys_file: Path | None = Field(None, description="secrets file with more admin keys, one per line")
     store_url: str = Field("", description="redis:// or rediss:// URL; empty = embedded file store")
+    store_path: Path = Field(default_factory=lambda: default_store_path(),
+                             description="SQLite file of the embedded store (used when store_url is empty)")
+    store_prefix: str = Field("unlearn:", min_length=1, description="Redis key prefix (several gateways, one Redis)")
+    resync_interval_s: float = Field(30.0, gt=0, description="seconds between full target resyncs per worker")
+    store_grace_s: float = Field(10.0, ge=0, description="seconds the store may be unreachable before /ready is 503")
     engine: Literal["local", "vllm"] = "local"
     model: str = Field("demo", description="model path, 'demo' or 'demo-retain' for the local engine")
     served_model_name: str | None = Field(None, description="model id shown to clients; default: the model")
@@ -69,6 +88,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("api_keys_file", "admin_keys_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("store_path", "api_keys_file", "admin_keys_file")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     @field_validator("worker_urls")
     @classmethod

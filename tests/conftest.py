@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 import uvicorn
 
 from gateway.app import create_app
+from gateway.bench._redis import redis_binary, start_redis
 from gateway.engines.local import LocalEngine
 from gateway.settings import Settings
 from gateway.worker import create_worker_app
@@ -59,6 +61,37 @@ def serve(app, ready_path: str = "/health") -> Server:
             pass
         time.sleep(0.05)
     raise RuntimeError(f"server on {url} did not start")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _embedded_store_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Gateways built from plain ``Settings()`` (and ``serve`` subprocesses, which inherit the environment) keep
+    their embedded target store in a temporary folder, never in the user's ~/.local/share."""
+    previous = os.environ.get("UNLEARN_STORE_PATH")
+    os.environ["UNLEARN_STORE_PATH"] = str(tmp_path_factory.mktemp("embedded-store") / "targets.db")
+    yield
+    if previous is None:
+        os.environ.pop("UNLEARN_STORE_PATH", None)
+    else:
+        os.environ["UNLEARN_STORE_PATH"] = previous
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A password-protected redis-server of our own for the session (or the one at ``UNLEARN_TEST_REDIS_URL``).
+    Tests share it by working under their own key prefix."""
+    if url := os.environ.get("UNLEARN_TEST_REDIS_URL"):
+        yield url
+        return
+    if redis_binary() is None:
+        pytest.skip("redis-server not installed and UNLEARN_TEST_REDIS_URL not set")
+    server = start_redis(password=secrets.token_hex(8))
+    yield server.url
+    server.stop()
+
+
+def unique_prefix() -> str:
+    return f"test-{secrets.token_hex(6)}:"
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,20 @@ def test_invalid_values_are_rejected(monkeypatch):
     monkeypatch.setenv("UNLEARN_ENGINE", "tensorrt")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_target_store_and_key_file_settings(tmp_path, monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("UNLEARN_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("UNLEARN_API_KEYS_FILE", "")
+    monkeypatch.setenv("UNLEARN_ADMIN_KEYS_FILE", "~/admin-keys")
+    settings = Settings()
+    assert settings.store_path == tmp_path / "data" / "unlearn-gateway" / "targets.db"
+    assert settings.api_keys_file is None and settings.admin_keys_file is not None
+    assert "~" not in str(settings.admin_keys_file)
+    assert (settings.store_prefix, settings.resync_interval_s, settings.store_grace_s) == ("unlearn:", 30.0, 10.0)
+    monkeypatch.setenv("UNLEARN_RESYNC_INTERVAL_S", "0")
+    with pytest.raises(ValidationError):
+        Settings()

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from itertools import pairwise
@@ -86,18 +86,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    if url := os.environ.get("UNLEARN_TEST_REDIS_URL"):
-        yield url
-        return
-    binary = _redis_binary()
-    if binary is None:
-        pytest.skip("redis-server not installed and UNLEARN_TEST_REDIS_URL not set")
-    port, password = _free_port(), secrets.token_hex(8)
-    proc = _start_redis(binary, port, password)
-    yield f"redis://:{password}@127.0.0.1:{port}/0"
-    _stop(proc)
+# ``redis_url`` (the session's password-protected redis-server) comes from conftest.py.
 
 
 @dataclass

@@ -28,12 +28,19 @@ class Change:
     after: str | None
 
 
-def validate_batch(items: Sequence[Target | Mapping[str, Any]]) -> list[Target]:
-    """Validate every item and check ids are unique; collect all problems, then raise ``ImportRejected``."""
+def validate_batch(items: Sequence[Target | Mapping[str, Any]], lines: Sequence[int] | None = None) -> list[Target]:
+    """Validate every item and check ids are unique; collect all problems, then raise ``ImportRejected``.
+
+    Errors name an item by its 1-based position, or by ``lines[i]`` when given (the admin API passes the JSONL
+    line each item came from, so a report points into the operator's file, blank lines included).
+    """
     errors: list[ImportLineError] = []
     targets: list[Target] = []
     first_line: dict[str, int] = {}
-    for line, item in enumerate(items, start=1):
+    numbers = lines if lines is not None else range(1, len(items) + 1)
+    if len(numbers) != len(items):
+        raise ValueError("lines must give one line number per item")
+    for line, item in zip(numbers, items, strict=True):
         try:
             target = item if isinstance(item, Target) else Target.model_validate(item)
         except ValidationError as exc:
