@@ -56,6 +56,18 @@ class PayloadTooLarge(GatewayError):
     type = "invalid_request_error"
 
 
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+
+
+class NotInstalled(GatewayError):
+    """A feature whose component is not installed in this build."""
+
+    status = 501
+    type = "not_implemented"
+
+
 class UpstreamError(GatewayError):
     """The inference worker failed or could not be reached."""
 

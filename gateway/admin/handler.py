@@ -24,7 +24,6 @@ from gateway.admin.protocol import (
     ImportResult,
     InvalidInput,
     Method,
-    NotInstalled,
     TargetDeleted,
     TargetHistory,
     TargetPage,
@@ -32,6 +31,7 @@ from gateway.admin.protocol import (
     TargetWritten,
     VersionInfo,
 )
+from gateway.errors import NotInstalled
 from gateway.registry import ImportMode, Target, TargetNotFound, TargetPatch, TargetStore
 from gateway.registry.reload import TargetReloader
 from gateway.registry.sqlite_store import SQLiteTargetStore

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from gateway.admin.protocol import MAX_IMPORT_TARGETS, FieldError, InvalidInput, UnsupportedMediaType
-from gateway.errors import PayloadTooLarge
+from gateway.admin.protocol import MAX_IMPORT_TARGETS, FieldError, InvalidInput
+from gateway.errors import PayloadTooLarge, UnsupportedMediaType
 from gateway.registry import ImportRejected, Target
 from gateway.registry.changes import validate_batch
 

@@ -90,16 +90,6 @@ class InvalidInput(GatewayError):
             details_total=len(self.errors) if len(self.errors) > len(shown) else None))
 
 
-class NotInstalled(GatewayError):
-    status = 501
-    type = "not_implemented"
-
-
-class UnsupportedMediaType(GatewayError):
-    status = 415
-    type = "invalid_request_error"
-
-
 class TargetReplacement(Target):
     """The body of ``PUT /admin/targets/{id}``: a whole target whose id comes from the path (an ``id`` in the
     body must equal it). Unlike a new target, the id is not derived from the name: renaming keeps the id."""
