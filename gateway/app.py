@@ -23,6 +23,9 @@ from gateway.registry import TargetStore, open_store
 from gateway.registry.reload import IndexBuilder, TargetReloader
 from gateway.settings import Settings
 from gateway.targets_middleware import TargetsVersionMiddleware
+from gateway.telemetry.engine import instrument
+from gateway.telemetry.middleware import TelemetryConfig, TelemetryMiddleware
+from gateway.telemetry.tracing import RequestTracer, build_tracer
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +62,26 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None, *, store: TargetStore | None = None,
-               index_builders: Sequence[IndexBuilder] = ()) -> FastAPI:
+               index_builders: Sequence[IndexBuilder] = (), tracer: RequestTracer | None = None) -> FastAPI:
     """Build the gateway. ``engine`` and ``store`` may be given (tests, benchmarks); else they follow the settings.
 
     ``index_builders`` turn each target set into what the request path needs (the classifier's index); every
     worker process rebuilds them off the request path whenever the set changes (``gateway.registry.reload``).
+    ``tracer``: OpenTelemetry span export (tests); else one is built when ``UNLEARN_OTEL_ENDPOINT`` is set.
     """
     settings = settings or Settings()
+    if settings.log_content:
+        log.warning("UNLEARN_LOG_CONTENT is on: prompts and completions are written to the logs")
     admin_keys = ensure_admin_key(settings.admin_keys, settings.admin_keys_file)
     own_store = store is None
-    target_store = store if store is not None else open_store(settings.store_url, settings.store_path,
+    target_store = store if store is not None else open_store(settings.resolved_store_url(), settings.store_path,
                                                               prefix=settings.store_prefix)
     reloader = TargetReloader(target_store, index_builders, resync_interval_s=settings.resync_interval_s,
                               grace_s=settings.store_grace_s)
+    registry, instruments = metrics.build_metrics(reloader, settings.metrics_max_target_labels)
+    reloader.swap_listeners.append(lambda _version, lag: instruments.observe_reload(lag))
+    if tracer is None and settings.otel_endpoint:
+        tracer = build_tracer(settings.otel_endpoint, settings.otel_service_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -80,7 +90,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
         try:
             await reloader.start()
             await app.state.engine.start()
-            app.state.openai_handler = OpenAIHandler(app.state.engine)
+            # The handler sees the engine through the telemetry wrapper (upstream time, upstream errors).
+            app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments))
             app.state.admin_handler = AdminHandler(target_store, reloader)
             yield
         finally:
@@ -89,13 +100,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
                 await target_store.aclose()
             if own_engine:
                 await app.state.engine.aclose()
+            if tracer is not None:
+                tracer.shutdown()
 
     app = FastAPI(title="unlearn-gateway", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible gateway that makes a served model forget named targets.")
     app.state.settings = settings
     app.state.store = target_store
     app.state.targets = reloader
-    app.state.metrics_registry = metrics.build_registry(reloader)
+    app.state.metrics_registry = registry
+    app.state.metrics = instruments
     app.include_router(openai_router.router)
     app.include_router(admin_router.router)
     app.include_router(health.router)
@@ -104,6 +118,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     app.add_middleware(TargetsVersionMiddleware, reloader=reloader)  # inside auth: rejected requests skip it
     app.add_middleware(APIKeyMiddleware, keys=KeySource(settings.api_keys, settings.api_keys_file),
                        admin_keys=KeySource(admin_keys, settings.admin_keys_file))
+    app.add_middleware(TelemetryMiddleware, metrics=instruments, tracer=tracer,  # outermost: counts rejections too
+                       config=TelemetryConfig(log_content=settings.log_content))
     return app
 
 

@@ -19,6 +19,8 @@ eval_app = typer.Typer(help="Evaluations on the shared benchmark data (JSON + Ma
 app.add_typer(build_app, name="build")
 app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
+train_app = typer.Typer(help="Train policy artefacts (ULD assistants).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 app.add_typer(targets_app, name="targets")
 
 DEFAULT_DATA = Path("../shared/data")
@@ -43,6 +45,8 @@ def serve(
 
     from gateway.auth import ensure_admin_key
     from gateway.settings import Settings
+    from gateway.telemetry.logs import uvicorn_log_config
+    from gateway.telemetry.multiprocess import multiprocess_metrics
 
     _set_env(config=config.resolve() if config else None, host=host, port=port, workers=workers)
     settings = Settings()
@@ -50,8 +54,12 @@ def serve(
     admin_keys = ensure_admin_key(settings.admin_keys, settings.admin_keys_file)
     if admin_keys != settings.admin_keys:
         os.environ["UNLEARN_ADMIN_KEYS"] = ",".join(admin_keys)
-    uvicorn.run("gateway.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level, loop="uvloop", http="httptools")
+    # JSON (or text) lines from every logger; our access log (gateway.telemetry) replaces uvicorn's.
+    log_config = uvicorn_log_config(settings.log_format, settings.log_level)
+    with multiprocess_metrics(settings.workers):  # /metrics sums counters over all workers
+        uvicorn.run("gateway.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_level=settings.log_level, loop="uvloop", http="httptools",
+                    log_config=log_config, access_log=False)
 
 
 @app.command()
@@ -69,6 +77,7 @@ def worker(
     from gateway.worker import create_worker_app
 
     engine = LocalEngine(model, served_model_name, device)
+    # GUARD from vllm_xargs is on by default, like our vLLM plugin ($UNLEARN_GUARD_TABLE resolves guard_target).
     uvicorn.run(create_worker_app(engine), host=host, port=port, loop="uvloop", http="httptools")
 
 
@@ -149,6 +158,91 @@ def bench_reload(
     report = run_reload_bench(changes=changes, import_size=import_size, gateways=gateways, workers=workers)
     json_out.write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(json.dumps(report["metrics"], indent=2))
+
+
+# The prompt classifier's commands live with the classifier (classifiers/cli.py).
+from classifiers import cli as _classifier_cli  # noqa: E402 - registered after the app exists
+
+app.command("classify")(_classifier_cli.classify)
+eval_app.command("classifier")(_classifier_cli.eval_classifier)
+bench_app.command("classifier")(_classifier_cli.bench_classifier)
+
+
+@bench_app.command("policies")
+def bench_policies(
+    json_out: Annotated[Path, typer.Option("--json", help="report file")] = Path("bench-policies.json"),
+    repeats: Annotated[int, typer.Option(help="interleaved repetitions per arm")] = 15,
+    tokens: Annotated[int, typer.Option(help="tokens decoded per run")] = 32,
+) -> None:
+    """Policy cost on the local engine: GUARD and ULD tokens/s and ECO time to first token, vs plain."""
+    from gateway.bench.policies import run_policies_bench
+
+    report = run_policies_bench(repeats=repeats, tokens=tokens)
+    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(json.dumps({k: v for k, v in report["metrics"].items() if k != "guard_kernel"}, indent=2))
+
+
+@eval_app.command("leakage")
+def eval_leakage(
+    suite: Annotated[str, typer.Option(help="only tofu-mini for now")] = "tofu-mini",
+    json_out: Annotated[Path, typer.Option("--json", help="report file (a .md report and PNG plots go beside it)")] = (
+        Path("eval-leakage.json")),
+    data: Annotated[Path, typer.Option(help="benchmark data folder (holds tofu/)")] = DEFAULT_DATA,
+    per_author: Annotated[int, typer.Option(help="held-out questions per forget / retain author (20 each)")] = 5,
+    extra_questions: Annotated[int, typer.Option(help="real_authors / world_facts questions for utility")] = 50,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    arms: Annotated[str, typer.Option(help="comma-separated policies")] = "eco,eco-prompt,guard,uld,uld-minkeep",
+    assistant: Annotated[Optional[Path], typer.Option(help="trained ULD assistant [default: train one]")] = None,
+    adapters_dir: Annotated[Optional[Path], typer.Option(help="where a trained assistant is kept")] = None,
+) -> None:
+    """Leakage of the policies on the demo model (ROUGE-L, TOFU forget quality and utility, fluency)."""
+    from evals.leakage import LeakageConfig, run
+
+    if suite != "tofu-mini":
+        raise typer.BadParameter("only 'tofu-mini' is implemented", param_hint="--suite")
+    if not (data / "tofu" / "full.json").is_file():
+        raise typer.BadParameter(f"no TOFU data under {data}", param_hint="--data")
+    config = LeakageConfig(data, per_author, extra_questions, max_new_tokens, tuple(a for a in arms.split(",") if a),
+                           str(assistant) if assistant else None, adapters_dir)
+    report = run(config, json_out, progress=typer.echo)
+    typer.echo(json.dumps({arm: {k: v for k, v in m.items() if not isinstance(v, dict)}
+                           for arm, m in report["metrics"].items()}, indent=2))
+
+
+def _read_targets(path: Path) -> list:
+    """A JSON array or JSONL of targets (the ``targets import`` format)."""
+    from gateway.registry.targets import Target
+
+    text = path.read_text()
+    stripped = text.lstrip()
+    items = json.loads(text) if stripped.startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    return [Target.model_validate(item) for item in items]
+
+
+@train_app.command("assistant")
+def train_assistant_command(
+    targets_file: Annotated[Path, typer.Option("--targets", help="targets JSON array or JSONL")],
+    target: Annotated[Optional[list[str]], typer.Option(help="target id (repeat for a group) [default: all]")] = None,
+    model: Annotated[str, typer.Option(help="the served model: checkpoint folder, 'demo' ...")] = "demo",
+    layers: Annotated[Optional[int], typer.Option(help="assistant depth [default: the policy's, else 2]")] = None,
+    epochs: Annotated[int, typer.Option()] = 10,
+    adapters_dir: Annotated[Optional[Path], typer.Option(help="[default: $UNLEARN_ADAPTERS_DIR or "
+                                                              "~/.local/share/unlearn-gateway/adapters]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="checkpoint folder [default: <adapters-dir>/uld-<id>]")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = default)")] = 0,
+) -> None:
+    """Train a ULD assistant (first K layers + LoRA) that remembers the targets' facts; save a merged checkpoint."""
+    from models.assistant import AssistantRecipe, assistant_dir, default_adapters_dir, train_assistant
+
+    known = _read_targets(targets_file)
+    chosen = [t for t in known if not target or t.id in target]
+    if missing := set(target or ()) - {t.id for t in chosen}:
+        raise typer.BadParameter(f"not in {targets_file}: {sorted(missing)}", param_hint="--target")
+    depth = layers or next((t.policy.layers for t in chosen if t.policy.method == "uld"), 2)
+    folder = out or assistant_dir(adapters_dir or default_adapters_dir(), [t.id for t in chosen])
+    report = train_assistant(chosen, model, folder, AssistantRecipe(layers=depth, epochs=epochs), threads=threads)
+    typer.echo(f"assistant for {len(chosen)} target(s), {report.layers} layers, {report.trainable_parameters:,} "
+               f"LoRA parameters, {report.seconds / 60:.1f} min -> {report.path}")
 
 
 def main() -> None:

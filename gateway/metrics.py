@@ -1,11 +1,17 @@
-"""``GET /metrics``: Prometheus text format, read live from the worker's state at scrape time.
+"""``GET /metrics``: Prometheus text format for one gateway process, or for all workers of one server.
 
 Each app gets its own ``CollectorRegistry`` (no process-global default registry), so several apps in one process
-(tests) never share or clash over metrics. With ``--workers N`` every uvicorn worker is its own process with its
-own registry, and a scrape reaches whichever worker accepts the connection: the gauges are *per process*. That is
-what the target version needs — "does this worker serve version N?" — and Prometheus' ``max``/``min`` over
-scrapes shows stragglers; a fleet-wide sum of counters would need prometheus_client's multiprocess mode, which
-this gateway does not use.
+(tests) never share or clash over metrics. Two kinds of metrics live there:
+
+- the hot-reload state (``TargetsCollector``), read live from the worker at scrape time. It is *per process*
+  (label ``pid``): "does this worker serve version N?"; Prometheus' ``max``/``min`` over scrapes shows stragglers;
+- the request instruments (``gateway.telemetry.instruments``): counters and histograms.
+
+With ``serve --workers N`` (N > 1) a scrape reaches whichever worker accepts the connection, so per-process
+counters would jump between workers' values. ``serve`` therefore turns on prometheus_client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``): every worker writes its counters and histograms to files in that folder and a
+scrape sums them over all workers of the server. One-process servers (containers with one worker, the tests)
+keep plain in-memory instruments. Either way a Prometheus target is one server (container or pod).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from prometheus_client.registry import Collector
 from starlette.responses import Response
 
 from gateway.registry.reload import TargetReloader
+from gateway.telemetry.instruments import GatewayMetrics
+from gateway.telemetry.multiprocess import MULTIPROC_ENV
 
 router = APIRouter(tags=["health"])
 
@@ -62,6 +70,23 @@ def build_registry(reloader: TargetReloader) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TargetsCollector(reloader))
     return registry
+
+
+def multiprocess_dir() -> str | None:
+    """The shared metrics folder when this process is one worker of a multi-worker server, else None."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def build_metrics(reloader: TargetReloader, max_target_labels: int = 1000) -> tuple[CollectorRegistry, GatewayMetrics]:
+    """The registry ``/metrics`` serves and the request instruments that feed it (see the module docstring)."""
+    registry = build_registry(reloader)
+    shared = multiprocess_dir()
+    if shared is None:
+        return registry, GatewayMetrics(registry, max_target_labels)
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    MultiProcessCollector(registry, path=shared)
+    return registry, GatewayMetrics(None, max_target_labels)  # values go to the shared files, read at scrape
 
 
 @router.get("/metrics", summary="Prometheus metrics of this worker process", response_class=Response)

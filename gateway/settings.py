@@ -65,6 +65,8 @@ class Settings(BaseSettings):
                                        "re-read when it changes (rotation without restart)")
     admin_keys_file: Path | None = Field(None, description="secrets file with more admin keys, one per line")
     store_url: str = Field("", description="redis:// or rediss:// URL; empty = embedded file store")
+    store_password_file: Path | None = Field(None, description="file holding the Redis password (a Docker or "
+                                             "Kubernetes secret); it replaces any password in store_url")
     store_path: Path = Field(default_factory=lambda: default_store_path(),
                              description="SQLite file of the embedded store (used when store_url is empty)")
     store_prefix: str = Field("unlearn:", min_length=1, description="Redis key prefix (several gateways, one Redis)")
@@ -81,6 +83,14 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(5.0, gt=0, description="seconds between worker health checks")
     local_max_concurrency: int = Field(8, ge=1, description="requests the local engine decodes at once")
     log_level: str = "info"
+    # Observability (gateway.telemetry): JSON logs with no prompt/completion text unless log_content is set.
+    log_format: Literal["json", "text"] = Field("json", description="access and server logs: JSON lines or text")
+    log_content: bool = Field(False, description="also log request and response bodies (prompts!): debugging only")
+    otel_endpoint: str = Field("", description="OTLP/HTTP traces URL (http://collector:4318/v1/traces); empty = "
+                               "tracing off")
+    otel_service_name: str = Field("unlearn-gateway", description="service.name of the exported spans")
+    metrics_max_target_labels: int = Field(1000, ge=0, description="distinct target ids per process that get "
+                                           "their own flagged-requests series; the rest count as 'other'")
 
     @field_validator("api_keys", "admin_keys", "worker_urls", mode="before")
     @classmethod
@@ -89,12 +99,12 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("api_keys_file", "admin_keys_file", mode="before")
+    @field_validator("api_keys_file", "admin_keys_file", "store_password_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("store_path", "api_keys_file", "admin_keys_file")
+    @field_validator("store_path", "api_keys_file", "admin_keys_file", "store_password_file")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -103,6 +113,21 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: list[str]) -> list[str]:
         return [url.rstrip("/") for url in value]
+
+    def resolved_store_url(self) -> str:
+        """``store_url`` with the password from ``store_password_file`` (read at startup), so the secret never has
+        to sit in an environment variable or a compose file."""
+        if not self.store_url or self.store_password_file is None:
+            return self.store_url
+        from urllib.parse import quote, urlsplit, urlunsplit
+
+        password = self.store_password_file.read_text().strip()
+        parts = urlsplit(self.store_url)
+        user = quote(parts.username, safe="") if parts.username else ""
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -114,6 +114,14 @@ def reference_worker() -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
+def retain_worker() -> Iterator[Server]:
+    """A second reference worker serving the ``demo-retain`` twin (a lock-step partner for ULD over HTTP)."""
+    server = serve(create_worker_app(LocalEngine("demo-retain", served_model_name="demo-retain")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def vllm_gateway(reference_worker) -> Iterator[Server]:
     settings = Settings(engine="vllm", worker_urls=[reference_worker.url])
     server = serve(create_app(settings))

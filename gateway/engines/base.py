@@ -43,6 +43,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; 0: the sampled token's only
+    # vLLM's ``logprob_token_ids``: report logprobs of exactly these ids (in this order) instead of the top ones.
+    logprob_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -249,7 +249,7 @@ class LocalEngine:
             output_ids.append(token)
             logprobs = None
             if sampling.top_logprobs is not None:
-                logprobs = [self._logprob(raw, token, sampling.top_logprobs)]
+                logprobs = [self._logprob(raw, token, sampling.top_logprobs, sampling.logprob_token_ids)]
             if token in main.eos_ids:
                 finish, eos_logprobs = "stop", logprobs
                 break
@@ -270,11 +270,13 @@ class LocalEngine:
         sink(GenerationDelta(stream.flush(), [], eos_logprobs, finish_reason=finish,
                              prompt_tokens=len(prompt.ids), completion_tokens=len(output_ids)))
 
-    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    def _logprob(self, logits: torch.Tensor, token: int, top: int, ids: tuple[int, ...] = ()) -> TokenLogprob:
         logprobs = torch.log_softmax(logits, dim=-1)
         decode = self.main.tokenizer.decode
         top_entries: tuple[tuple[int, str, float], ...] = ()
-        if top > 0:
+        if ids:
+            top_entries = tuple((i, decode([i]), float(logprobs[i])) for i in ids)
+        elif top > 0:
             values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
             top_entries = tuple((int(i), decode([int(i)]), float(v)) for v, i in zip(values, ids))
         return TokenLogprob(token, decode([token]), float(logprobs[token]), top_entries)

@@ -160,6 +160,7 @@ class OpenAIHandler:
             seed=body.seed,
             stop=body.stop_list(),
             top_logprobs=top_logprobs,
+            logprob_token_ids=tuple(getattr(body, "logprob_token_ids", None) or ()),
         )
 
     @staticmethod

@@ -22,6 +22,11 @@ Index builders (``IndexBuilder``) are how the classifier plugs in: each gets the
 built for the previous set (to reuse what did not change) and returns the new index, published under its name
 in ``ActiveTargets.indexes``. A builder that fails keeps the previous snapshot in place and is retried on the
 next notification or resync.
+
+Reload lag (``swap_listeners``, fed to ``unlearn_targets_reload_lag_seconds``): the time from the moment this
+worker learns of a newer version (a notification, i.e. the write's publication, or a resync that finds it) to
+the swap that serves it. It leaves out the pub/sub hop itself (sub-millisecond on one network) and uses only this
+process's clock, so it needs no clock agreement between hosts.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ class ReloadStats:
     last_load_seconds: float = 0.0
     last_error: str | None = None
     store_version_behind: int | None = None  # the store's version when it is lower than the held one
+    last_reload_lag_seconds: float | None = None  # notice of a newer version -> its swap (see module docstring)
 
 
 class TargetReloader:
@@ -116,6 +122,9 @@ class TargetReloader:
         self._outage_logged = False
         self._tasks: list[asyncio.Task[None]] = []
         self._swapped = asyncio.Condition()
+        self._noticed: tuple[int, float] | None = None  # (newer version, perf_counter()) when first noticed
+        # Called after each swap that follows a noticed newer version: (version, lag in seconds). Must not block.
+        self.swap_listeners: list[Callable[[int, float], None]] = []
 
     # -- what requests read ---------------------------------------------------------------------------------
 
@@ -190,6 +199,7 @@ class TargetReloader:
         self._mark_up()
         active = self._active
         if active.loaded and version == active.version:
+            self._clear_notice(version)
             return
         if active.loaded and version < active.version:
             self.stats.store_version_behind = version
@@ -207,6 +217,9 @@ class TargetReloader:
             self._swapped.notify_all()
         self.stats.loads += 1
         self.stats.last_load_seconds = time.perf_counter() - started
+        if self._noticed is not None and active.loaded and version >= self._noticed[0]:
+            self._swapped_after(version, time.perf_counter() - self._noticed[1])
+        self._clear_notice(version)
         self.stats.last_error = None
         log.info("targets version %d active (%d targets, loaded in %.3f s)", version, len(targets),
                  self.stats.last_load_seconds)
@@ -239,6 +252,7 @@ class TargetReloader:
                 async for version in self.store.watch():
                     self._mark_up()
                     if version != self._active.version or not self._active.loaded:
+                        self._notice(version)
                         self._wanted.set()
             except asyncio.CancelledError:
                 raise
@@ -261,6 +275,7 @@ class TargetReloader:
                 if version < self._active.version:
                     log.error("target store version %d is behind the held version %d", version,
                               self._active.version)
+                self._notice(version)
                 self._wanted.set()
 
     async def _probe(self) -> None:
@@ -279,6 +294,23 @@ class TargetReloader:
                 log.error("target store unreachable for %.1f s (grace %.1f s): reporting not ready; still "
                           "serving the last good set (version %d, %d targets)", self._clock() - self._down_since,
                           self.grace_s, self._active.version, len(self._active.targets))
+
+    def _notice(self, version: int) -> None:
+        if version > self._active.version and self._noticed is None:
+            self._noticed = (version, time.perf_counter())
+
+    def _clear_notice(self, served: int) -> None:
+        """Forget the notice once a version at least as new is served (a newer notice during a load stays)."""
+        if self._noticed is not None and served >= self._noticed[0]:
+            self._noticed = None
+
+    def _swapped_after(self, version: int, lag: float) -> None:
+        self.stats.last_reload_lag_seconds = lag
+        for listener in self.swap_listeners:
+            try:
+                listener(version, lag)
+            except Exception:  # noqa: BLE001 - a metrics bug must not stop reloads
+                log.exception("reload listener failed")
 
     def _mark_down(self, why: str) -> None:
         if self._down_since is None:

@@ -62,7 +62,19 @@ def _processors(body, model: LoadedModel, factories: Sequence[XargsProcessorFact
     return tuple(processors)
 
 
-def create_worker_app(engine: LocalEngine, xargs_processors: Sequence[XargsProcessorFactory] = ()) -> FastAPI:
+def _check_logprob_ids(body, model: LoadedModel) -> None:
+    ids = getattr(body, "logprob_token_ids", None) or []
+    vocab = len(model.tokenizer)
+    if any(not 0 <= i < vocab for i in ids):
+        raise BadRequest(f"logprob_token_ids must lie in [0, {vocab})", param="logprob_token_ids")
+
+
+def create_worker_app(engine: LocalEngine, xargs_processors: Sequence[XargsProcessorFactory] | None = None) -> FastAPI:
+    """``xargs_processors`` default: GUARD (``gateway.worker.guard.GuardXargs``), as our vLLM plugin installs it."""
+    if xargs_processors is None:
+        from gateway.worker.guard import GuardXargs
+
+        xargs_processors = [GuardXargs()]
     handler = OpenAIHandler(engine)
     model = engine.main
 
@@ -93,11 +105,13 @@ def create_worker_app(engine: LocalEngine, xargs_processors: Sequence[XargsProce
 
     @app.post("/v1/chat/completions")
     async def chat(body: WorkerChatRequest, request: Request) -> Response:
+        _check_logprob_ids(body, model)
         extras = Extras(_processors(body, model, xargs_processors), body.return_tokens_as_token_ids)
         return await handler.chat(body, request, messages=engine_messages(body.messages), extras=extras)
 
     @app.post("/v1/completions")
     async def completions(body: WorkerCompletionRequest, request: Request) -> Response:
+        _check_logprob_ids(body, model)
         prompts: list[dict] = []
         embeds = [body.prompt_embeds] if isinstance(body.prompt_embeds, str) else (body.prompt_embeds or [])
         prompts += [{"prompt_embeds": decode_embeds(e, "prompt_embeds")} for e in embeds]

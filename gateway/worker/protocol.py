@@ -24,6 +24,9 @@ class _VLLMExtensions(BaseModel):
     logit_bias: dict[str, float] | None = None
     vllm_xargs: dict[str, XargValue] | None = None
     return_tokens_as_token_ids: bool = False
+    # Logprobs of exactly these ids at each position (vLLM 0.33; needs ``logprobs``): ULD lock-step asks the
+    # assistant for the target's candidates with it.
+    logprob_token_ids: list[int] | None = None
 
 
 class WorkerMessage(BaseModel):

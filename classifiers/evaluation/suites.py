@@ -1,0 +1,296 @@
+"""Benchmark suites for the classifier, read from the shared data folder at run time (ARCHITECTURE §7).
+
+Each suite yields the targets an operator would register (built only from operator-side material: names,
+aliases, descriptions, facts and the permitted training examples) and labelled evaluation splits, which never
+feed the targets or the calibration. No benchmark text lives in this repository: it is read from ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.registry.targets import Target, slugify
+
+Kind = Literal["recall", "fpr", "info"]
+
+
+@dataclass
+class Item:
+    text: str
+    target: str | None  # expected target id for recall items; None for negatives
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Split:
+    name: str
+    kind: Kind
+    items: list[Item]
+
+
+@dataclass
+class Suite:
+    name: str
+    targets: list[Target]
+    splits: list[Split]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _json_or_jsonl(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8").strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return _jsonl(path)
+
+
+# -- TOFU -------------------------------------------------------------------------------------------------------
+
+_CAPITALISED = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:[A-Z][\w'-]*|al-\w+|Al-\w+|bin|ibn|de|van|von))*")
+
+
+def tofu_author_name(answers: list[str]) -> str:
+    """The author's name: the capitalised phrase of the first answer that recurs most in the author's answers."""
+    first = answers[0]
+    best, best_key = "", (-1, 0)
+    for match in _CAPITALISED.finditer(first):
+        words = match.group().split()
+        for i in range(len(words)):
+            for j in range(i + 2, min(len(words), i + 4) + 1):
+                phrase = " ".join(words[i:j])
+                if phrase.split()[0] in {"The", "A", "An", "In", "On"}:
+                    continue
+                count = sum(phrase in a for a in answers[1:])
+                key = (count, len(phrase))
+                if key > best_key:
+                    best, best_key = phrase, key
+    return best
+
+
+def tofu(data_dir: Path, limit_authors: int | None = None) -> Suite:
+    """20 forget10 authors (§7): facts = answers, examples = first 5 questions, keep = retain90 firsts."""
+    root = data_dir / "tofu"
+    forget = _jsonl(root / "forget10.json")
+    perturbed = _jsonl(root / "forget10_perturbed.json")
+    retain = _jsonl(root / "retain90.json")
+    uld: dict[str, list[str]] = {}
+    uld_file = root / "uld_aug_data" / "forget10_perturbed" / "paraphrase_res.csv"
+    if uld_file.exists():
+        with uld_file.open(encoding="utf-8") as f:
+            for row in csv.reader(f):
+                uld[row[0]] = list(dict.fromkeys(ast.literal_eval(row[2])))
+    n_authors = len(forget) // 20
+    if limit_authors:
+        n_authors = min(n_authors, limit_authors)
+    keep_pool = [retain[a * 20 + q]["question"] for a in range(len(retain) // 20) for q in range(5)]
+    targets, held, para, uld_items = [], [], [], []
+    for a in range(n_authors):
+        block = forget[a * 20:(a + 1) * 20]
+        name = tofu_author_name([r["answer"] for r in block])
+        keep = keep_pool[a::n_authors] if not limit_authors else keep_pool[a::20][:45]
+        target = Target(name=name, description="A fictitious author.", facts=[r["answer"] for r in block],
+                        examples=[r["question"] for r in block[:5]], keep=keep)
+        targets.append(target)
+        for q in range(5, 20):
+            row = block[q]
+            held.append(Item(row["question"], target.id, {"author": name}))
+            para.append(Item(perturbed[a * 20 + q]["paraphrased_question"], target.id, {"author": name}))
+            for text in uld.get(row["question"], []):
+                uld_items.append(Item(text, target.id, {"author": name}))
+    retain_rest = [Item(retain[a * 20 + q]["question"], None) for a in range(len(retain) // 20)
+                   for q in range(5, 20)]
+    splits = [
+        Split("forget_heldback", "recall", held),
+        Split("forget_paraphrased", "recall", para),
+        Split("forget_uld_paraphrases", "recall", uld_items),
+        Split("retain90_rest", "fpr", retain_rest),
+        Split("holdout10", "fpr", [Item(r["question"], None) for r in _jsonl(root / "holdout10.json")]),
+        Split("real_authors", "fpr", [Item(r["question"], None) for r in _jsonl(root / "real_authors.json")]),
+        Split("world_facts", "fpr", [Item(r["question"], None) for r in _jsonl(root / "world_facts.json")]),
+    ]
+    return Suite("tofu", targets, splits, {"authors": [t.name for t in targets]})
+
+
+# -- RWKU -------------------------------------------------------------------------------------------------------
+
+def _rwku_type(raw: str) -> str:
+    return "cross lingual" if raw.replace("-", " ").startswith("cross lingual") else raw
+
+
+def rwku(data_dir: Path, limit_targets: int | None = None) -> Suite:
+    """All 200 targets at once (§7): name + intro description, <= 30 forget_mia facts, level-1 examples."""
+    root = data_dir / "rwku" / "Target"
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_", 1)[0]))
+    if limit_targets:
+        folders = folders[:limit_targets]
+    targets: list[Target] = []
+    subject_ids: dict[str, str] = {}
+    for folder in folders:
+        intro = json.loads((folder / "intro.json").read_text(encoding="utf-8"))
+        intro = intro[0] if isinstance(intro, list) else intro
+        name = intro["target"]
+        description = re.sub(r"^Please forget [^.]*\.\s*", "", intro["intro"]).strip()
+        facts = [r["text"][:4000] for r in json.loads((folder / "forget_mia.json").read_text("utf-8"))[:30]]
+        examples = [r["query"] for r in json.loads((folder / "forget_level1.json").read_text("utf-8"))]
+        target = Target(id=slugify(name), name=name, description=description, facts=facts, examples=examples)
+        targets.append(target)
+        subject_ids[name] = target.id
+    names = {t.id: t.name for t in targets}
+    l2, l3, neighbours = [], [], []
+    for folder, target in zip(folders, targets, strict=True):
+        for r in json.loads((folder / "forget_level2.json").read_text("utf-8")):
+            l2.append(Item(r["query"], target.id, {"type": r.get("type", "")}))
+        for r in json.loads((folder / "forget_level3.json").read_text("utf-8")):
+            l3.append(Item(r["query"], target.id, {"type": _rwku_type(r.get("type", "")), "raw_type": r.get("type")}))
+        for level in ("1", "2"):
+            for r in json.loads((folder / f"neighbor_level{level}.json").read_text("utf-8")):
+                neighbours.append(Item(r["query"], None, {"subject": target.id, "level": level,
+                                                          "neighbor": r.get("neighbor", "")}))
+    return Suite("rwku", targets, [Split("level2", "recall", l2), Split("level3", "recall", l3),
+                                   Split("neighbours", "fpr", neighbours)],
+                 {"targets": len(targets), "names": names})
+
+
+# -- Harry Potter -----------------------------------------------------------------------------------------------
+
+# Operator-written aliases for the franchise (our own list of its best-known names, with the spellings used in
+# Russian, Chinese and Hindi editions), expanded at target creation as ARCHITECTURE §5 allows.
+HP_ALIASES = [
+    "Harry Potter franchise", "Hogwarts", "Hermione Granger", "Hermione", "Ron Weasley", "Albus Dumbledore",
+    "Dumbledore", "Lord Voldemort", "Voldemort", "Severus Snape", "Snape", "Rubeus Hagrid", "Hagrid",
+    "Draco Malfoy", "Malfoy", "Quidditch", "Gryffindor", "Slytherin", "Hufflepuff", "Ravenclaw", "Horcrux",
+    "Horcruxes", "Muggle", "Muggles", "Diagon Alley", "Hogsmeade", "Azkaban", "Dementor", "Dementors",
+    "Sirius Black", "Remus Lupin", "McGonagall", "Neville Longbottom", "Luna Lovegood", "Ginny Weasley",
+    "Weasley", "Weasleys", "Dursley", "Dursleys", "Hedwig", "Death Eater", "Death Eaters", "Deathly Hallows",
+    "Half-Blood Prince", "Philosopher's Stone", "Sorcerer's Stone", "Chamber of Secrets", "Goblet of Fire",
+    "Bellatrix Lestrange", "Dobby", "Gringotts", "Privet Drive", "Nimbus 2000", "Firebolt", "Expelliarmus",
+    "Avada Kedavra", "Patronus", "Pensieve", "Triwizard Tournament", "Marauder's Map", "Golden Snitch",
+    "Cedric Diggory", "Peter Pettigrew", "Wormtail", "Nagini", "Fawkes", "Gilderoy Lockhart", "Umbridge",
+    "Mad-Eye Moody", "Tom Riddle", "Hogwarts Express", "Sorting Hat", "Kreacher", "Grindelwald",
+    # Russian
+    "Гарри Поттер", "Гарри", "Хогвартс", "Гермиона", "Дамблдор", "Волан-де-Морт", "Снегг", "Снейп", "Хагрид",
+    "Рон Уизли", "Уизли", "Драко Малфой", "Малфой", "Квиддич", "Гриффиндор", "Слизерин", "Пуффендуй",
+    "Когтевран", "маггл", "магглы", "Дурсль", "Дурсли", "Букля", "Сириус Блэк", "Люпин", "Макгонагалл",
+    "Невилл", "Полумна", "Добби", "Азкабан", "дементор", "дементоры", "Хогсмид", "крестраж", "Волдеморт",
+    # Chinese
+    "哈利·波特", "哈利波特", "哈利", "霍格沃茨", "赫敏", "罗恩", "邓布利多", "伏地魔", "斯内普", "海格", "马尔福",
+    "魁地奇", "格兰芬多", "斯莱特林", "赫奇帕奇", "拉文克劳", "麻瓜", "魂器", "德思礼", "海德薇", "小天狼星",
+    "卢平", "麦格", "纳威", "卢娜", "多比", "阿兹卡班", "摄魂怪", "霍格莫德", "韦斯莱", "食死徒",
+    # Hindi
+    "हैरी पॉटर", "हैरी", "हॉगवर्ट्स", "हरमाइनी", "हर्माइनी", "रॉन", "डम्बलडोर", "डंबलडोर", "वोल्डेमॉर्ट",
+    "वॉल्डेमॉर्ट", "स्नेप", "हैग्रिड", "मैल्फॉय", "क्विडिच", "ग्रिफिंडोर", "स्लिदरिन", "हफलपफ", "रेवनक्लॉ",
+]
+
+HP_DESCRIPTION = ("The Harry Potter books, films and wider wizarding world: the boy wizard Harry Potter, his "
+                  "friends and enemies, the Hogwarts school of witchcraft and wizardry, its teachers, spells, "
+                  "magical creatures, places, objects and plots.")
+
+# A few prompts of our own, the kind an operator writes when registering the target.
+HP_EXAMPLES = [
+    "Which house did the Sorting Hat put Harry Potter in?",
+    "Who is the headmaster of Hogwarts when Harry arrives?",
+    "What is the name of the sport wizards play on broomsticks?",
+    "Who killed Harry Potter's parents?",
+    "From which platform does the Hogwarts Express leave?",
+    "What is the name of Harry's godfather?",
+    "What are the three Deathly Hallows?",
+    "Which creatures guard the wizard prison?",
+    "Which spell disarms an opponent in the wizarding world?",
+    "Continue the story: Harry raised his wand at Voldemort and shouted",
+    "What did Hermione brew in the girls' bathroom in her second year?",
+    "Who was the Half-Blood Prince?",
+]
+
+
+def _summary_facts(path: Path, max_words: int = 60) -> list[str]:
+    """The plot summaries cut into short passages (sentence-aligned) to serve as the target's facts."""
+    text = path.read_text(encoding="utf-8")
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    facts, current = [], []
+    for sentence in sentences:
+        if current and sum(len(s.split()) for s in current) + len(sentence.split()) > max_words:
+            facts.append(" ".join(current))
+            current = []
+        current.append(sentence)
+    if current:
+        facts.append(" ".join(current))
+    return [f[:4000] for f in facts][:1000]
+
+
+def _prompts(path: Path) -> list[str]:
+    return [r["prompt"]["prompt"] if isinstance(r.get("prompt"), dict) else r["prompt"]
+            for r in _json_or_jsonl(path)]
+
+
+def harry_potter(data_dir: Path) -> Suite:
+    """One franchise target; recall on trivia, completions and translations; FPR on side_effects domains."""
+    root = data_dir / "harry_potter"
+    target = Target(id="harry-potter", name="Harry Potter", aliases=HP_ALIASES, description=HP_DESCRIPTION,
+                    facts=_summary_facts(root / "hp_wikipedia_summaries.txt"), examples=HP_EXAMPLES)
+    tid = target.id
+
+    def questions(path: Path, label: str | None) -> list[Item]:
+        # A few translated rows name their fields in the target language ("prashna" = question).
+        return [Item(r.get("question") or r.get("prashna") or "", label) for r in _jsonl(path)]
+
+    splits = [
+        Split("trivia_1239", "recall", questions(root / "hp_trivia_1239.jsonl", tid)),
+        Split("trivia_502_v2", "recall", questions(root / "harry_potter_trivia_502_v2.jsonl", tid)),
+        Split("completions_en", "recall", [Item(p, tid) for p in _prompts(root / "msr_data" /
+                                                                          "evaluation_prompts.json")]),
+        Split("completions_ru", "recall", [Item(p, tid) for p in _prompts(root / "msr_data" /
+                                                                          "evaluation_russian_prompts.json")]),
+        Split("completions_es", "recall", [Item(p, tid) for p in _prompts(root / "msr_data" /
+                                                                          "evaluation_spanish_prompts.json")]),
+        Split("probability_prompts", "recall", [Item(p, tid) for p in _prompts(root / "msr_data" /
+                                                                               "probability_prompts.json")]),
+    ]
+    for language in ("Spanish", "Russian", "Chinese", "Hindi"):
+        splits.append(Split(f"translated_trivia_{language.lower()}", "recall",
+                            questions(root / "translated_v2_hptrivia" / f"{language}_datapoints.jsonl", tid)))
+    side = root / "side_effects"
+    for domain in ("british_mythology", "dungeons_and_dragons", "lord_of_the_rings", "wizard_of_oz"):
+        items = questions(side / f"{domain}.jsonl", None)
+        for fam in sorted(side.glob(f"{domain}_familiarity*.json")):
+            items += [Item(p, None, {"familiarity": fam.name}) for p in _prompts(fam)]
+        splits.append(Split(f"side_effects_{domain}", "fpr", items))
+    adjacent = questions(side / "cultural_impact.jsonl", None)
+    for fam in ("cultural_impact_familiarity.json", "cultural_impact_familiarity_2.json",
+                "harry_potter_film_production_familiarity.json"):
+        if (side / fam).exists():
+            adjacent += [Item(p, None, {"familiarity": fam}) for p in _prompts(side / fam)]
+    splits.append(Split("hp_adjacent_cultural_film", "info", adjacent))
+    return Suite("hp", [target], splits, {"facts": len(target.facts), "aliases": len(HP_ALIASES)})
+
+
+def load(name: str, data_dir: Path, **limits: int | None) -> Suite:
+    if name == "tofu":
+        return tofu(data_dir, limits.get("limit"))
+    if name == "rwku":
+        return rwku(data_dir, limits.get("limit"))
+    if name == "hp":
+        return harry_potter(data_dir)
+    raise ValueError(f"unknown suite {name!r}")
+
+
+def names_in(text: str, names: dict[str, str]) -> Iterator[str]:
+    """Target ids whose full name occurs verbatim (case-insensitive, whole words) in ``text``."""
+    lowered = text.lower()
+    for tid, name in names.items():
+        if re.search(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)", lowered):
+            yield tid
+
+
+def counts(items: list[Item], key: str) -> Counter[str]:
+    return Counter(str(i.meta.get(key, "")) for i in items)

@@ -1,0 +1,576 @@
+"""The target index: everything needed to classify a conversation against the active targets.
+
+A ``TargetIndex`` is immutable once built, so a gateway worker can swap a new one in atomically while requests
+still finish on the old one. ``build_index`` is incremental: per target it keeps a ``TargetEntry`` (patterns,
+exemplar embeddings) keyed by the target id and a hash of the fields that matter, and takes unchanged entries
+from the previous index instead of encoding them again; only the shared parts (the name automaton, the
+nearest-row search, the learned scorer and its calibration) are rebuilt, and those are cheap or, for the
+approximate search, updated in place on a copy.
+
+Decision cascade for each candidate target, in order (the first that fires names the ``stage``):
+1. lexical: the target's name or an alias is in the conversation (exactly or with a typo), unless the window
+   most like one of the target's keep prompts is clearly closer to it than to the target's own knowledge;
+2. semantic: a window is a near-duplicate of one of the target's example prompts;
+3. learned: the calibrated pair score passes the target's conformal threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from classifiers.encoder import Encoder, load_encoder
+from classifiers.features import FEATURES, NO_MENTION, MentionEvidence, asks_who, best_positive, pair_features
+from classifiers.learned import Calibration, Scorer, calibrate, fit_scorer
+from classifiers.lexical import (LexicalMatcher, Mention, TargetPatterns, names_someone_else, proper_phrases,
+                                 target_patterns)
+from classifiers.semantic import (ANN_MIN_ROWS, KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT, Candidates, ExemplarBlock,
+                                  SemanticIndex)
+from classifiers.gate import content_words
+from classifiers.synthetic import related_questions, reverse_questions
+from classifiers.windows import Window, conversation_windows, message_windows
+from gateway.registry.targets import Target
+
+Conversation = str | Sequence[Mapping[str, Any]]
+EntryFactory = Callable[[Target, Encoder, "ClassifierConfig", str], "TargetEntry"]
+Span = tuple[int, int, int, str]
+STAGES = ("lexical", "semantic", "learned")
+MASK_WORD = "someone"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Knobs of the classifier; the defaults are what the evaluation reports."""
+
+    fpr: float = 0.01  # conformal false-positive bound of the learned stage
+    candidates_per_window: int = 5
+    learned_rank: int = 2  # the learned stage decides only a window's best few targets
+    keep_min: float = 0.8  # a keep prompt this similar ...
+    keep_margin: float = 0.05  # ... and this much closer than the target's own rows overrides a name match
+    near_duplicate: float = 0.95  # semantic stage: cosine to an example prompt
+    ann_min_rows: int = ANN_MIN_ROWS
+    max_train_targets: int = 400
+    max_positives_per_target: int = 24
+    reverse_questions: int = 12  # per target, derived from its facts (0 = off)
+    related_questions: int = 16  # per target, derived from its facts (0 = off)
+    seed: int = 0
+    gate: bool = True  # encode only windows sharing a content word with some target (classifiers.gate)
+    gate_max_share: float = 0.2  # words used by more than this share of the targets do not open the gate
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The classifier's answer for one conversation (ARCHITECTURE §2 step 3, §6)."""
+
+    flagged: bool
+    targets: list[str]
+    scores: dict[str, float]
+    stage: str
+    spans: list[Span]
+    timings_ms: dict[str, float]
+
+    @property
+    def score(self) -> float:
+        """The highest score of a flagged target, or of any candidate when nothing is flagged."""
+        pool = [self.scores[t] for t in self.targets] or list(self.scores.values())
+        return max(pool, default=0.0)
+
+    def line(self, item_id: Any = None) -> dict[str, Any]:
+        """One output line of ``unlearn-gateway classify``."""
+        return {"id": item_id, "flagged": self.flagged, "targets": self.targets, "score": round(self.score, 6),
+                "stage": self.stage}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``POST /admin/classify`` answer: the line plus per-target scores, spans and timings."""
+        out = self.line()
+        del out["id"]
+        out["scores"] = {k: round(v, 6) for k, v in self.scores.items()}
+        out["spans"] = [{"message": m, "start": s, "end": e, "target": t} for m, s, e, t in self.spans]
+        out["timings_ms"] = self.timings_ms
+        return out
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    """What the index keeps per target version; reused across rebuilds while the target is unchanged."""
+
+    target_id: str
+    digest: str
+    encoder: str
+    key: int
+    patterns: TargetPatterns
+    block: ExemplarBlock
+    positives: tuple[tuple[int, str], ...]  # (row in block, text): example prompts, for other targets' training
+    variants: tuple[tuple[int, str], ...]  # (row it derives from, text): unnamed training positives
+    variant_vectors: np.ndarray  # their embeddings
+    keep_texts: tuple[str, ...]
+    related_texts: tuple[str, ...] = ()
+    vocabulary: frozenset[str] = frozenset()  # content words of the target's material (the encoder gate)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The encoder-free part of a classification: messages, mentions, windows."""
+
+    messages: list[str]
+    mentions: list[Mention]
+    windows: list[Window]
+    phrases: list[list[str]]  # proper phrases per window
+    who: np.ndarray  # per window: asks for a person
+    lexical_ms: float
+
+
+def conversation_texts(conversation: Conversation) -> list[str]:
+    """Every message's text, all roles, in order; OpenAI content parts contribute their text parts."""
+    if isinstance(conversation, str):
+        return [conversation]
+    out: list[str] = []
+    for message in conversation:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.append("\n".join(str(part.get("text", "")) for part in content
+                                 if isinstance(part, Mapping) and part.get("type", "text") == "text"))
+        else:
+            out.append("")
+    return out
+
+
+def target_digest(target: Target) -> str:
+    """Hash of the fields that change what the classifier does (not policy, not enabled)."""
+    payload = json.dumps([target.name, target.aliases, target.description, target.facts, target.examples,
+                          target.keep], ensure_ascii=False)
+    return hashlib.sha1(payload.encode()).hexdigest()
+
+
+def generic_prompts() -> list[str]:
+    """The packaged everyday prompts used as default negatives (our own text)."""
+    text = resources.files("classifiers").joinpath("data/generic_prompts.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _mask(text: str, mentions: Sequence[Mention], word: str) -> str:
+    out, last = [], 0
+    for m in sorted(mentions, key=lambda m: m.start):
+        if m.start < last:
+            continue
+        out.append(text[last:m.start])
+        out.append(word)
+        last = m.end
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _evidence(mentions: Sequence[Mention]) -> dict[str, MentionEvidence]:
+    acc: dict[str, list[float]] = {}
+    for m in mentions:
+        slot = acc.setdefault(m.target_id, [0.0, 0.0, 0.0])
+        if m.kind == "exact":
+            slot[0] = 1.0
+            slot[1] = 1.0
+        elif m.kind == "fuzzy":
+            slot[1] = max(slot[1], m.score)
+        else:
+            slot[2] = 1.0
+    return {t: MentionEvidence(*v) for t, v in acc.items()}
+
+
+def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, digest: str | None = None) -> TargetEntry:
+    """Patterns and embeddings of one target (the expensive, cacheable part of a build)."""
+    digest = digest or target_digest(target)
+    patterns = target_patterns(target.name, target.aliases)
+    rows: list[tuple[str, int]] = [(f"{target.name}. {target.description}".strip(), KIND_DESCRIPTION)]
+    for fact in target.facts:
+        rows += [(w.text, KIND_FACT) for w in message_windows(0, fact)]
+    example_start = len(rows)
+    for example in target.examples:
+        rows += [(w.text, KIND_EXAMPLE) for w in message_windows(0, example)]
+    keep = [w.text for k in target.keep for w in message_windows(0, k)]
+    candidates = list(range(example_start, len(rows))) or [i for i, (_, k) in enumerate(rows) if k == KIND_FACT]
+    if len(candidates) > config.max_positives_per_target:
+        step = len(candidates) / config.max_positives_per_target
+        candidates = [candidates[int(i * step)] for i in range(config.max_positives_per_target)]
+    positives = tuple((r, rows[r][0]) for r in candidates)
+    variants = _unnamed_variants(target, patterns, positives)
+    reverse_start = len(rows)
+    for question in reverse_questions(target.facts, target.id, patterns, config.reverse_questions):
+        rows.append((question, KIND_EXAMPLE))
+    variants += [(r, rows[r][0]) for r in range(reverse_start, len(rows))]
+    related = related_questions(target.facts, patterns, config.related_questions)
+    vectors = encoder.encode([t for t, _ in rows] + keep + related + [t for _, t in variants])
+    n_rows, n_keep, n_related = len(rows), len(keep), len(related)
+    block = ExemplarBlock(vectors[:n_rows].astype(np.float16), np.array([k for _, k in rows], dtype=np.int8),
+                          vectors[n_rows:n_rows + n_keep].astype(np.float16),
+                          vectors[n_rows + n_keep:n_rows + n_keep + n_related].astype(np.float16))
+    key = int(hashlib.sha1(f"{target.id}\x00{digest}".encode()).hexdigest()[:10], 16)
+    vocabulary = frozenset(content_words([target.name, *target.aliases, *(t for t, _ in rows)]))
+    return TargetEntry(target.id, digest, encoder.name, key, patterns, block, positives, tuple(variants),
+                       vectors[n_rows + n_keep + n_related:].astype(np.float16), tuple(keep), tuple(related),
+                       vocabulary)
+
+
+def _unnamed_variants(target: Target, patterns: TargetPatterns,
+                      positives: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Training positives the lexical stage would not catch: the target's prompts with its name masked
+    ("What was someone's debut novel?"), or cut to the surname ("What was King's debut novel?"), and the
+    prompts that never named it. The learned stage only decides unnamed prompts, so it learns from these."""
+    matcher = LexicalMatcher({target.id: patterns})
+    surname = target.name.split(",")[0].split()[-1] if patterns.partial else None
+    out: list[tuple[int, str]] = []
+    for row, text in positives:
+        named = [m for m in matcher.find([text]) if m.kind != "partial"]
+        if not named:
+            out.append((row, text))
+            continue
+        out.append((row, _mask(text, named, MASK_WORD)))
+        if surname:
+            out.append((row, _mask(text, named, surname)))
+    return out
+
+
+@dataclass(frozen=True)
+class BuildStats:
+    targets: int
+    rows: int
+    reused: int
+    encoded: int
+    search: str
+    seconds: float
+    training_pairs: int = 0
+    calibration_negatives: int = 0
+    threshold: float = math.inf
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TargetIndex:
+    """Immutable classifier state for one set of targets."""
+
+    def __init__(self, entries: Sequence[TargetEntry], targets: Sequence[Target], encoder: Encoder,
+                 config: ClassifierConfig, generic: tuple[list[str], np.ndarray],
+                 matcher: LexicalMatcher, semantic: SemanticIndex) -> None:
+        self.entries = list(entries)
+        self.targets = list(targets)
+        self.ids = [e.target_id for e in self.entries]
+        self.position = {t: i for i, t in enumerate(self.ids)}
+        self.encoder = encoder
+        self.config = config
+        self.generic_bank = generic  # every packaged prompt, reused by the next build
+        self.generic_texts, self.generic_vectors = generic  # those that name no active target
+        self.matcher = matcher
+        self.semantic = semantic
+        self.scorer: Scorer | None = None
+        self.calibration = Calibration(config.fpr, math.inf)
+        self.stats: BuildStats | None = None
+        self.training_data: dict[str, Any] = {}
+        self.vocabulary: dict[str, int] = {}  # content word -> number of targets using it
+        self.gate_limit = math.inf
+
+    # -- classification -------------------------------------------------------------------------------------
+    def prepare(self, conversation: Conversation) -> Prepared:
+        started = time.perf_counter()
+        messages = conversation_texts(conversation)
+        mentions = self.matcher.find(messages)
+        windows = conversation_windows(messages)
+        if self.config.gate:
+            windows = [w for w in windows if self._worth_encoding(w, mentions)]
+        phrases = [proper_phrases(w.text) for w in windows]
+        who = asks_who([w.text for w in windows])
+        return Prepared(messages, mentions, windows, phrases, who, (time.perf_counter() - started) * 1000)
+
+    def classify(self, conversation: Conversation) -> Decision:
+        """Classify a conversation (list of {"role", "content"} messages, or plain text); blocking."""
+        prepared = self.prepare(conversation)
+        started = time.perf_counter()
+        vectors = self.encoder.encode([w.text for w in prepared.windows]) if prepared.windows else \
+            np.zeros((0, self.encoder.dim), np.float32)
+        return self.decide(prepared, vectors, encode_ms=(time.perf_counter() - started) * 1000)
+
+    def decide(self, prepared: Prepared, vectors: np.ndarray, encode_ms: float = 0.0) -> Decision:
+        """The decision for prepared windows whose embeddings are ``vectors`` (one row per window)."""
+        started = time.perf_counter()
+        evidence = _evidence(prepared.mentions)
+        candidates = self.semantic.candidates(vectors, self.config.candidates_per_window)
+        semantic_ms = encode_ms + (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        generic = self._generic_best(vectors)
+        pool = {t for row in candidates.targets for t in row}
+        named = {self.position[t] for t in evidence if t in self.position}
+        pool |= named
+        learnable = named | {t for row in candidates.targets for t in row[:self.config.learned_rank]}
+        scores: dict[str, float] = {}
+        fired: dict[str, str] = {}
+        for t in sorted(pool):
+            target_id = self.ids[t]
+            mention = evidence.get(target_id, NO_MENTION)
+            others_named = float(any(o != target_id and e.named for o, e in evidence.items()))
+            feats = self._features(t, vectors, candidates, generic, mention, prepared.phrases, others_named,
+                                   prepared.who) \
+                if len(vectors) else np.zeros((0, len(FEATURES)), np.float32)
+            p = float(self.scorer.score(feats).max()) if self.scorer is not None and len(feats) else 0.0
+            score, stage = p, None
+            if mention.named and not self._kept(feats):
+                stage, score = "lexical", max(p, mention.exact or mention.fuzzy)
+            elif len(feats) and self._near_duplicate(feats):
+                stage, score = "semantic", max(p, float(feats[:, 3].max()))
+            elif t in learnable and p > self.calibration.threshold(target_id):
+                stage = "learned"
+            scores[target_id] = min(max(score, 0.0), 1.0)
+            if stage:
+                fired[target_id] = stage
+        flagged = sorted(fired, key=lambda t: (-scores[t], t))
+        stage = min((fired[t] for t in flagged), key=STAGES.index, default="none")
+        spans = sorted({(m.message, m.start, m.end, m.target_id) for m in prepared.mentions if m.target_id in fired})
+        timings = {"lexical": round(prepared.lexical_ms, 3), "semantic": round(semantic_ms, 3),
+                   "learned": round((time.perf_counter() - started) * 1000, 3)}
+        return Decision(bool(flagged), flagged, scores, stage, spans, timings)
+
+    def _worth_encoding(self, window: Window, mentions: Sequence[Mention]) -> bool:
+        """The encoder gate (classifiers.gate): a mention, or a distinctive word some target uses."""
+        if any(m.message == window.message and window.start <= m.start < window.end for m in mentions):
+            return True
+        limit = self.gate_limit
+        return any(0 < self.vocabulary.get(word, 0) <= limit for word in content_words([window.text]))
+
+    def _generic_best(self, vectors: np.ndarray, drop: int | None = None) -> np.ndarray:
+        if not len(self.generic_vectors) or not len(vectors):
+            return np.zeros(len(vectors), np.float32)
+        sims = vectors @ self.generic_vectors.T
+        if drop is not None:
+            sims[:, drop] = -1.0
+        return sims.max(axis=1)
+
+    def _features(self, t: int, vectors: np.ndarray, candidates: Candidates, generic: np.ndarray,
+                  mention: MentionEvidence, phrases: Sequence[Sequence[str]], other_target: float,
+                  who: np.ndarray | None = None, drop_row: int | None = None, drop_keep: int | None = None,
+                  drop_related: int | None = None) -> np.ndarray:
+        other = np.zeros(len(vectors), np.float32)
+        for w in range(len(vectors)):
+            for c, s in zip(candidates.targets[w], candidates.best[w], strict=True):
+                if c != t:
+                    other[w] = s
+                    break
+        entry = self.entries[t]
+        names_other = np.array([names_someone_else(p, entry.patterns) for p in phrases], dtype=np.float32)
+        block = entry.block
+        return pair_features(vectors, block.vectors, block.kinds, block.keep, block.related, generic, other, mention,
+                             names_other, other_target, who, drop_row=drop_row, drop_keep=drop_keep,
+                             drop_related=drop_related)
+
+    def _kept(self, feats: np.ndarray) -> bool:
+        """A name match is overridden when some window is clearly a keep prompt rather than the target's."""
+        if not len(feats) or feats[0, 11] == 0:
+            return False
+        keep = feats[:, 7]
+        return bool(np.any((keep >= self.config.keep_min) & (keep >= best_positive(feats) + self.config.keep_margin)))
+
+    def _near_duplicate(self, feats: np.ndarray) -> bool:
+        close = feats[:, 3] >= self.config.near_duplicate
+        if feats[0, 11]:
+            close &= feats[:, 7] + self.config.keep_margin <= feats[:, 3]
+        return bool(close.any())
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def fit(self) -> tuple[int, int]:
+        """Train the learned stage and calibrate its thresholds on this index's own operator data.
+
+        Returns (training pairs, calibration negatives). Called once by ``build_index`` before the index is
+        published; never on evaluation prompts.
+        """
+        rng = np.random.default_rng(self.config.seed)
+        chosen = list(range(len(self.entries)))
+        if len(chosen) > self.config.max_train_targets:
+            chosen = sorted(rng.choice(len(chosen), self.config.max_train_targets, replace=False).tolist())
+        chosen_set = set(chosen)
+        items: list[dict[str, Any]] = []
+        for t in chosen:
+            entry = self.entries[t]
+            for (row, text), vec in zip(entry.variants, entry.variant_vectors, strict=True):
+                items.append({"vec": vec, "text": text, "label": 1, "own": t, "drop": row})
+            for k, text in enumerate(entry.keep_texts):
+                items.append({"vec": entry.block.keep[k], "text": text, "label": 0, "own": t, "drop_keep": k})
+            for k, text in enumerate(entry.related_texts):
+                items.append({"vec": entry.block.related[k], "text": text, "label": 0, "own": t,
+                              "drop_related": k})
+        for t, entry in enumerate(self.entries):  # other targets' prompts are negatives for everyone else
+            if t in chosen_set or len(self.entries) <= self.config.max_train_targets:
+                for row, text in entry.positives[: max(4, self.config.max_positives_per_target // 2)]:
+                    items.append({"vec": entry.block.vectors[row], "text": text, "label": 0, "own": t,
+                                  "cross": True})
+        for g, text in enumerate(self.generic_texts):
+            items.append({"vec": self.generic_vectors[g], "text": text, "label": 0, "own": -1, "generic": g})
+        if not any(i["label"] for i in items) or all(i["label"] for i in items):
+            return 0, 0
+        vectors = np.stack([np.asarray(i["vec"], dtype=np.float32) for i in items])
+        candidates = self.semantic.candidates(vectors, self.config.candidates_per_window)
+        x_fit: list[np.ndarray] = []
+        y_fit: list[int] = []
+        calibration: list[tuple[int, str, np.ndarray]] = []  # (item, target id, features)
+        for n, item in enumerate(items):
+            one = vectors[n:n + 1]
+            single = Candidates([candidates.targets[n]], [candidates.best[n]])
+            generic = self._generic_best(one, drop=item.get("generic"))
+            mentions = _evidence(self.matcher.find([item["text"]]))
+            phrases = [proper_phrases(item["text"])]
+            who = asks_who([item["text"]])
+            named = {self.position[o] for o, e in mentions.items() if e.named and o in self.position}
+            if item["label"] == 1:
+                t = item["own"]
+                if t in named:
+                    continue
+                feats = self._features(t, one, single, generic, mentions.get(self.ids[t], NO_MENTION), phrases,
+                                       float(bool(named)), who, drop_row=item["drop"])
+                x_fit.append(feats[0])
+                y_fit.append(1)
+                continue
+            pool = set(candidates.targets[n])
+            if item["own"] >= 0 and not item.get("cross"):
+                pool.add(item["own"])
+            if item.get("cross"):
+                pool.discard(item["own"])
+            held_out = _half(item["text"])
+            if held_out:  # calibrate on what the learned stage decides at run time
+                pool = (pool & set(candidates.targets[n][:self.config.learned_rank])) | (
+                    {item["own"]} if item["own"] >= 0 and not item.get("cross") else set())
+            for t in sorted(pool):
+                mention = mentions.get(self.ids[t], NO_MENTION)
+                if t in named:
+                    continue  # named prompts are the lexical stage's business
+                own = t == item["own"]
+                feats = self._features(t, one, single, generic, mention, phrases, float(bool(named)), who,
+                                       drop_keep=item.get("drop_keep") if own else None,
+                                       drop_related=item.get("drop_related") if own else None)
+                if held_out:
+                    calibration.append((n, self.ids[t], feats[0]))
+                else:
+                    x_fit.append(feats[0])
+                    y_fit.append(0)
+        if len(set(y_fit)) < 2:
+            return 0, 0
+        self.scorer = fit_scorer(np.stack(x_fit), np.array(y_fit))
+        per_prompt: dict[int, float] = {}
+        per_target: dict[str, list[float]] = {}
+        if calibration:
+            scores = self.scorer.score(np.stack([f for _, _, f in calibration]))
+            for (n, target_id, _), s in zip(calibration, scores.tolist(), strict=True):
+                per_prompt[n] = max(per_prompt.get(n, 0.0), s)
+                per_target.setdefault(target_id, []).append(s)
+        self.calibration = calibrate(list(per_prompt.values()), per_target, self.config.fpr)
+        # Kept (small: pairs x features) so that reports can show what the learned stage was fitted on.
+        self.training_data = {"x": np.stack(x_fit), "y": np.array(y_fit),
+                              "calibration_x": np.stack([f for _, _, f in calibration]) if calibration else None,
+                              "calibration_prompt": np.array([n for n, _, _ in calibration])}
+        return len(x_fit), len(per_prompt)
+
+
+def _vocabulary(entries: Sequence[TargetEntry], previous: TargetIndex | None) -> dict[str, int]:
+    """Word -> number of targets using it; updated from the previous index's counts when there is one."""
+    if previous is None:
+        counts: dict[str, int] = {}
+        for entry in entries:
+            for word in entry.vocabulary:
+                counts[word] = counts.get(word, 0) + 1
+        return counts
+    counts = dict(previous.vocabulary)
+    old = {id(e) for e in previous.entries}
+    new = {id(e) for e in entries}
+    for entry in previous.entries:
+        if id(entry) not in new:
+            for word in entry.vocabulary:
+                counts[word] -= 1
+                if not counts[word]:
+                    del counts[word]
+    for entry in entries:
+        if id(entry) not in old:
+            for word in entry.vocabulary:
+                counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def _half(text: str) -> bool:
+    """Deterministic split of negatives: True = calibration half."""
+    return hashlib.sha1(text.encode()).digest()[0] % 2 == 1
+
+
+def build_index(targets: Sequence[Target], previous: TargetIndex | None = None, *,
+                encoder: Encoder | None = None, config: ClassifierConfig | None = None,
+                progress: bool = False, entry_factory: EntryFactory | None = None) -> TargetIndex:
+    """Build the index for the enabled targets, reusing unchanged targets' work from ``previous``.
+
+    ``entry_factory`` replaces ``build_entry`` (the benchmark uses it to skip encoding 100,000 synthetic
+    targets); the default encodes each new or changed target's exemplars.
+    """
+    make_entry = entry_factory or build_entry
+    started = time.perf_counter()
+    config = config or (previous.config if previous is not None else ClassifierConfig())
+    encoder = encoder or (previous.encoder if previous is not None else load_encoder())
+    active = [t for t in targets if t.enabled]
+    reuse: dict[str, TargetEntry] = {}
+    if previous is not None and previous.encoder.name == encoder.name:
+        reuse = {e.target_id: e for e in previous.entries}
+    entries: list[TargetEntry] = []
+    encoded = 0
+    iterator: Any = active
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(active, desc="targets", unit="target", leave=False)
+    for target in iterator:
+        digest = target_digest(target)
+        old = reuse.get(target.id)
+        if old is not None and old.digest == digest:
+            entries.append(old)
+        else:
+            entries.append(make_entry(target, encoder, config, digest))
+            encoded += 1
+    if previous is not None and previous.encoder.name == encoder.name:
+        generic = previous.generic_bank
+    else:
+        texts = generic_prompts()
+        generic = (texts, encoder.encode(texts))
+    patterns = {e.target_id: e.patterns for e in entries}
+    if previous is not None and [(e.target_id, e.patterns) for e in previous.entries] == list(patterns.items()):
+        matcher = previous.matcher
+    else:
+        matcher = LexicalMatcher(patterns)
+    semantic = SemanticIndex([e.block for e in entries], encoder.dim, config.ann_min_rows,
+                             previous.semantic if previous is not None else None, [e.key for e in entries])
+    index = TargetIndex(entries, active, encoder, config, generic, matcher, semantic)
+    index.vocabulary = _vocabulary(entries, previous)
+    if len(entries) >= 20:
+        index.gate_limit = max(1.0, config.gate_max_share * len(entries))
+    # Generic prompts that name an active target are not negatives for it: drop them.
+    keep_generic = [i for i, text in enumerate(generic[0]) if not any(m.kind != "partial"
+                                                                        for m in matcher.find([text]))]
+    index.generic_texts = [generic[0][i] for i in keep_generic]
+    index.generic_vectors = generic[1][keep_generic] if len(keep_generic) else np.zeros((0, encoder.dim), np.float32)
+    pairs, negatives = index.fit()
+    index.stats = BuildStats(len(entries), semantic.rows, len(entries) - encoded, encoded, semantic.mode,
+                             round(time.perf_counter() - started, 3), pairs, negatives,
+                             index.calibration.global_threshold)
+    return index
+
+
+class IndexBuilder:
+    """The hot-reload hook (``gateway.registry.reload.IndexBuilder``): builds the classifier's index in a
+    worker thread from each new target set, reusing the previous index's unchanged targets."""
+
+    name = "classifier"
+
+    def __init__(self, encoder: Encoder | None = None, config: ClassifierConfig | None = None) -> None:
+        self._encoder = encoder
+        self._config = config
+
+    def build(self, targets: Sequence[Target], previous: TargetIndex | None) -> TargetIndex:
+        if self._encoder is None and previous is None:
+            self._encoder = load_encoder()
+        return build_index(targets, previous, encoder=self._encoder or previous.encoder,  # type: ignore[union-attr]
+                           config=self._config)

@@ -1,0 +1,265 @@
+"""Lexical stage: find mentions of target names and aliases in a conversation, exactly or with a typo.
+
+Why this design:
+- Exact matching is one Aho-Corasick pass over the normalised text (pyahocorasick), so its cost grows with the
+  prompt, not with the number of targets. Patterns are padded with spaces and the normalised text has single
+  spaces between words, so a pattern only matches whole words ("king" never fires inside "kingdom").
+- Typos ("Stephen Kinng", "Beyonse") are found with a symmetric-deletion index: every name token of three or more
+  letters is stored under each of its one-letter deletions, and each prompt token looks up its own deletions,
+  so candidate pairs come from hash look-ups (again independent of the number of targets); rapidfuzz's OSA
+  distance then confirms them. A multi-word name may carry one misspelt word, never more.
+- A two-word name also matches with one or two capitalised middle names in between ("Stephen Edwin King").
+- Besides full names, a target's distinctive surname is a *partial* mention: on its own it is only evidence
+  (several targets can share "Perry"), which the learned stage weighs; a full name or alias flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import ahocorasick
+from rapidfuzz.distance import OSA
+
+from classifiers.normalize import Normalized, normalize, normalize_pattern
+
+MentionKind = Literal["exact", "fuzzy", "partial"]
+MIN_FUZZY_TOKEN = 3
+MIN_PARTIAL_TOKEN = 4
+_SUFFIXES = {"jr", "sr", "ii", "iii", "iv"}
+
+
+@dataclass(frozen=True, slots=True)
+class Mention:
+    """One mention of a target: original character span [start, end) in message ``message``."""
+
+    message: int
+    start: int
+    end: int
+    target_id: str
+    kind: MentionKind
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class TargetPatterns:
+    """The normalised patterns of one target; derived once per target version and reused across rebuilds."""
+
+    full: tuple[str, ...]
+    partial: tuple[str, ...]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha1(("\x1f".join(self.full) + "\x1e" + "\x1f".join(self.partial)).encode()).hexdigest()
+
+
+def _variants(raw: str) -> set[str]:
+    """A name and the spellings people commonly use for it (all normalised)."""
+    out: set[str] = set()
+    base = normalize_pattern(raw)
+    if base:
+        out.add(base)
+    without_parens = normalize_pattern(re.sub(r"\([^)]*\)", " ", raw))
+    if without_parens:
+        out.add(without_parens)
+    if "," in raw:
+        head = normalize_pattern(raw.split(",", 1)[0])
+        if len(head.split()) >= 2:
+            out.add(head)
+    if "-" in raw:  # "Yun-Hwa" is also written "Yunhwa"
+        joined = normalize_pattern(raw.replace("-", ""))
+        if joined:
+            out.add(joined)
+    for form in list(out):
+        tokens = form.split()
+        core = [t for t in tokens if t not in _SUFFIXES]
+        if len(core) >= 2 and core != tokens:
+            out.add(" ".join(core))
+        no_initials = [t for t in core if len(t) > 1]
+        if len(no_initials) >= 2 and no_initials != core:
+            out.add(" ".join(no_initials))
+        initials = [t for t in core if len(t) == 1]
+        if len(initials) >= 2 and len(core) > len(initials):  # "j k rowling" -> "jk rowling"
+            out.add("".join(initials) + " " + " ".join(t for t in core if len(t) > 1))
+    return out
+
+
+def target_patterns(name: str, aliases: Iterable[str]) -> TargetPatterns:
+    """Full-name patterns from the name and aliases; the surname of a multi-word name as a partial pattern."""
+    full: set[str] = set()
+    for raw in (name, *aliases):
+        full |= _variants(raw)
+    partial: set[str] = set()
+    for raw in (name, *aliases):
+        tokens = [t for t in normalize_pattern(re.sub(r"\([^)]*\)", " ", raw.split(",", 1)[0])).split()
+                  if t not in _SUFFIXES]
+        if len(tokens) >= 2 and len(tokens[-1]) >= MIN_PARTIAL_TOKEN:
+            partial.add(tokens[-1])
+    partial -= full
+    return TargetPatterns(tuple(sorted(full)), tuple(sorted(partial)))
+
+
+def _deletions(token: str) -> set[str]:
+    return {token[:i] + token[i + 1:] for i in range(len(token))}
+
+
+def _max_distance(token: str) -> int:
+    return 1 if len(token) < 9 else 2
+
+
+class LexicalMatcher:
+    """Exact, fuzzy and partial name search over a whole conversation; immutable once built."""
+
+    def __init__(self, patterns: Mapping[str, TargetPatterns]) -> None:
+        self._automaton = ahocorasick.Automaton()
+        entries: dict[str, list[tuple[str, MentionKind]]] = {}
+        self._by_head: dict[tuple[str, str], list[tuple[tuple[str, ...], str]]] = {}
+        self._by_ends: dict[tuple[str, ...], list[str]] = {}  # two-word names, for middle names in between
+        self._deletes: dict[str, set[str]] = {}
+        self._name_tokens: set[str] = set()
+        for target_id, pats in patterns.items():
+            for pattern in pats.full:
+                entries.setdefault(f" {pattern} ", []).append((target_id, "exact"))
+                tokens = tuple(pattern.split())
+                head = (tokens[0], tokens[1] if len(tokens) > 1 else "")
+                self._by_head.setdefault(head, []).append((tokens, target_id))
+                if len(tokens) == 2:
+                    self._by_ends.setdefault(tokens, []).append(target_id)
+                for token in tokens:
+                    if len(token) >= MIN_FUZZY_TOKEN and token.isalpha():
+                        self._name_tokens.add(token)
+            for pattern in pats.partial:
+                entries.setdefault(f" {pattern} ", []).append((target_id, "partial"))
+        for token in self._name_tokens:
+            self._deletes.setdefault(token, set()).add(token)
+            for deleted in _deletions(token):
+                self._deletes.setdefault(deleted, set()).add(token)
+        for key, value in entries.items():
+            self._automaton.add_word(key, (len(key), tuple(value)))
+        self.empty = not entries
+        if not self.empty:
+            self._automaton.make_automaton()
+
+    def find(self, messages: Sequence[str]) -> list[Mention]:
+        """All mentions in every message; a partial mention inside an exact one of the same target is dropped."""
+        mentions: list[Mention] = []
+        if self.empty:
+            return mentions
+        for index, content in enumerate(messages):
+            norm = normalize(content)
+            found = self._exact(index, norm)
+            found += self._fuzzy(index, norm, found)
+            found += self._middle_names(index, content, norm, found)
+            exact_ranges = [(m.target_id, m.start, m.end) for m in found if m.kind != "partial"]
+            mentions += [m for m in found if m.kind != "partial" or not any(
+                t == m.target_id and s <= m.start and m.end <= e for t, s, e in exact_ranges)]
+        return mentions
+
+    def _exact(self, index: int, norm: Normalized) -> list[Mention]:
+        out: list[Mention] = []
+        for end, (length, value) in self._automaton.iter(norm.text):
+            # The key is " pattern ": its letters run from end - length + 2 to end - 1.
+            s, e = norm.span(end - length + 2, end)
+            out.extend(Mention(index, s, e, target_id, kind, 1.0) for target_id, kind in value)
+        return out
+
+    def _middle_names(self, index: int, content: str, norm: Normalized, found: list[Mention]) -> list[Mention]:
+        """A two-word name with one or two capitalised words in between ("Stephen Edwin King")."""
+        if not self._by_ends:
+            return []
+        words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"[a-z0-9]+", norm.text)]
+        taken = {(m.target_id, m.start) for m in found}
+        out: list[Mention] = []
+        for i in range(len(words)):
+            for gap in (1, 2):
+                j = i + gap + 1
+                if j >= len(words):
+                    break
+                for target_id in self._by_ends.get((words[i][2], words[j][2]), ()):
+                    s, e = norm.span(words[i][0], words[j][1])
+                    middle = [content[norm.origin[words[k][0]]] for k in range(i + 1, j)]
+                    if (target_id, s) in taken or not all(ch.isupper() for ch in middle):
+                        continue
+                    taken.add((target_id, s))
+                    out.append(Mention(index, s, e, target_id, "fuzzy", 0.9))
+        return out
+
+    def _fuzzy(self, index: int, norm: Normalized, exact: list[Mention]) -> list[Mention]:
+        if not self._deletes:
+            return []
+        words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"[a-z0-9]+", norm.text)]
+        matches: list[dict[str, int]] = []
+        for _, _, word in words:
+            options: dict[str, int] = {word: 0}
+            if word not in self._name_tokens and len(word) >= MIN_FUZZY_TOKEN and word.isalpha():
+                seen: set[str] = set()
+                for key in (word, *_deletions(word)):
+                    for token in self._deletes.get(key, ()):
+                        if token in seen:
+                            continue
+                        seen.add(token)
+                        distance = OSA.distance(word, token, score_cutoff=_max_distance(token))
+                        if distance <= _max_distance(token):
+                            options.setdefault(token, distance)
+            matches.append(options)
+        out: list[Mention] = []
+        taken = {(m.target_id, m.start) for m in exact}
+        for i, options in enumerate(matches):
+            nxt = matches[i + 1] if i + 1 < len(matches) else {}
+            for first, d0 in options.items():
+                for second, d1 in [*nxt.items(), ("", 0)]:
+                    for tokens, target_id in self._by_head.get((first, second), ()):
+                        if (second == "") != (len(tokens) == 1):
+                            continue
+                        total, typos, ok = d0 + d1, int(d0 > 0) + int(d1 > 0), True
+                        for k, token in enumerate(tokens[2:], start=2):
+                            if i + k >= len(matches) or token not in matches[i + k]:
+                                ok = False
+                                break
+                            dk = matches[i + k][token]
+                            total += dk
+                            typos += int(dk > 0)
+                        if not ok or typos == 0 or typos > 1 or (len(tokens) == 1 and len(tokens[0]) < 6):
+                            continue
+                        start_norm, end_norm = words[i][0], words[i + len(tokens) - 1][1]
+                        s, e = norm.span(start_norm, end_norm)
+                        if (target_id, s) in taken:
+                            continue
+                        taken.add((target_id, s))
+                        letters = sum(len(t) for t in tokens)
+                        out.append(Mention(index, s, e, target_id, "fuzzy", 1.0 - total / letters))
+        return out
+
+
+_PROPER = re.compile(r"(?<![\w'’])(?:[A-Z][\w'’.-]*)(?:\s+(?:(?:of|de|la|del|van|von|bin|al|and|the)\s+)?[A-Z][\w'’.-]*)+")
+_LEADING = {"what", "who", "whom", "whose", "which", "where", "when", "why", "how", "is", "are", "was", "were",
+            "do", "does", "did", "can", "could", "would", "should", "has", "have", "had", "in", "on", "at", "the",
+            "a", "an", "please", "tell", "describe", "explain", "name", "question", "answer", "i", "and", "but",
+            "as", "if", "for", "from", "with", "by", "to", "of", "this", "that", "these", "those"}
+
+
+def proper_phrases(text: str) -> list[str]:
+    """Normalised multi-word capitalised phrases ("Jamie Vasquez", "Different Seasons"): names of someone or
+    something. A leading question or function word ("How", "The") is not part of the phrase."""
+    out: list[str] = []
+    for match in _PROPER.finditer(text):
+        words = match.group().split()
+        while words and words[0].lower().strip(".'’") in _LEADING:
+            words = words[1:]
+        if len(words) >= 2:
+            out.append(normalize_pattern(" ".join(words)))
+    return out
+
+
+def names_someone_else(phrases: Sequence[str], patterns: TargetPatterns) -> bool:
+    """True when a proper phrase neither contains one of the target's full names nor is part of one.
+
+    A surname inside a longer name ("Elsie Marais Van der Westhuizen" for "Raven Marais") is someone else."""
+    for phrase in phrases:
+        padded = f" {phrase} "
+        if not any(f" {p} " in padded or padded in f" {p} " for p in patterns.full):
+            return True
+    return False

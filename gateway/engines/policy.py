@@ -1,0 +1,115 @@
+"""Turn a plain ``GenerationRequest`` into one that carries a policy, for either engine.
+
+Why a separate module: the policy math lives in ``policies/`` (pure), the engines only know generic hooks
+(embedding content parts, logits processors, a lock-step assistant, ``extra_body``). This is the small glue that
+maps one onto the other, so the HTTP handler, the leakage evaluation and the benchmarks build policy requests the
+same way. It does not decide *which* policy applies (that is the request path's job, after classification).
+
+- ECO -> ``EmbedsPart`` content parts in the flagged messages (both engines; vLLM sends them as ``prompt_embeds``).
+- GUARD -> a ``GuardProcessor`` (local) or flat ``vllm_xargs`` for our plugin / the reference worker (vLLM).
+- ULD -> ``Assistant(path, combine)`` (local); over vLLM use ``gateway.engines.lockstep.LockstepULD``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from gateway.engines.base import Assistant, EmbedsPart, GenerationRequest, Message
+from policies.eco import EcoParams, EmbedLookup, OffsetTokenizer, Span, corrupted_content, name_spans
+from policies.guard import GuardBuilder, GuardParams
+from policies.uld import UldParams, combiner
+
+
+def message_text(message: Message) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(p for p in message.content if isinstance(p, str))
+
+
+def last_user_text(messages: Sequence[Message]) -> str:
+    return next((message_text(m) for m in reversed(messages) if m.role == "user"), "")
+
+
+@dataclass
+class PolicyKit:
+    """What applying policies on one served model needs: its tokenizer, embedding rows and GUARD state."""
+
+    tokenizer: OffsetTokenizer
+    embed: EmbedLookup
+    guard: GuardBuilder
+
+    # -- ECO ---------------------------------------------------------------------------------------------------
+    def eco(self, request: GenerationRequest, names: Iterable[str], params: EcoParams,
+            spans: dict[int, list[Span]] | None = None, scope: str = "entity") -> GenerationRequest:
+        """Corrupt the flagged spans of every user message (``spans`` by message index, else occurrences of
+        ``names``); with no span anywhere, or ``scope="prompt"``, every token but the last of the last user
+        message (ECO's rule for prompts without entities)."""
+        if request.messages is None:
+            raise ValueError("ECO applies to chat requests")
+        names = list(names) if scope == "entity" else []
+        messages = list(request.messages)
+        found = {i: ((spans or {}).get(i) if scope == "entity" else None) or name_spans(message_text(m), names)
+                 for i, m in enumerate(messages) if m.role == "user" and isinstance(m.content, str)}
+        if not any(found.values()):
+            last = max(found, default=None)
+            if last is None:
+                return request
+            found = {last: []}
+        out = []
+        for i, message in enumerate(messages):
+            if i in found:
+                parts = corrupted_content(message_text(message), found[i], self.tokenizer, self.embed, params)
+                out.append(Message(message.role, parts if any(isinstance(p, EmbedsPart) for p in parts)
+                                   else message.content))
+            else:
+                out.append(message)
+        return replace(request, messages=out)
+
+    # -- GUARD -------------------------------------------------------------------------------------------------
+    def guard_processor_request(self, request: GenerationRequest, facts_by_target: Sequence[Sequence[str]],
+                                params: GuardParams) -> GenerationRequest:
+        prompt = last_user_text(request.messages or []) if request.messages is not None else (request.prompt or "")
+        processor = self.guard.processor(prompt, facts_by_target, params)
+        return replace(request, logits_processors=[*request.logits_processors, processor])
+
+    def guard_xargs_request(self, request: GenerationRequest, facts_by_target: Sequence[Sequence[str]],
+                            params: GuardParams) -> GenerationRequest:
+        prompt = last_user_text(request.messages or []) if request.messages is not None else (request.prompt or "")
+        xargs = self.guard.xargs(prompt, facts_by_target, params)
+        extra = dict(request.extra_body)
+        extra["vllm_xargs"] = {**extra.get("vllm_xargs", {}), **xargs}
+        return replace(request, extra_body=extra)
+
+    # -- ULD ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def uld_request(request: GenerationRequest, assistant_model: str, params: UldParams) -> GenerationRequest:
+        return replace(request, assistant=Assistant(assistant_model, combiner(params)))
+
+
+def local_kit(engine, encode_sentences=None, generic: frozenset[str] = frozenset()) -> PolicyKit:
+    """A ``PolicyKit`` over a ``LocalEngine``'s model (embedding rows straight from its embedding module)."""
+    import torch
+
+    model = engine.main
+    weight = model.model.get_input_embeddings().weight
+
+    def embed(ids: Sequence[int]) -> torch.Tensor:
+        return weight.detach()[torch.tensor(list(ids), device=weight.device)].float().cpu()
+
+    return PolicyKit(model.tokenizer, embed, GuardBuilder(model.tokenizer, encode_sentences, generic))
+
+
+def checkpoint_kit(checkpoint, encode_sentences=None, generic: frozenset[str] = frozenset()) -> PolicyKit:
+    """A ``PolicyKit`` from checkpoint files only (the gateway in front of vLLM holds no model)."""
+    from transformers import AutoTokenizer
+
+    from gateway.engines.embeddings import EmbeddingTable
+    from models import resolve_model_path
+
+    path = resolve_model_path(str(checkpoint))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return PolicyKit(tokenizer, EmbeddingTable(path), GuardBuilder(tokenizer, encode_sentences, generic))
+
+
+__all__ = ["PolicyKit", "checkpoint_kit", "last_user_text", "local_kit", "message_text"]

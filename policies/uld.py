@@ -1,0 +1,117 @@
+"""ULD: unlearning from logit difference (Ji et al., NeurIPS 2024), as tensors.
+
+Why a difference of two models: an *assistant* (the served model's first K layers + LoRA) is trained to remember
+exactly the forget facts and to be flat (uniform) on everything else. Decoding with ``z_target + w * z_assistant``
+(w < 0) then subtracts what the assistant knows: on a forget question both peak on the memorised answer and the
+peak cancels; elsewhere the assistant is flat, adds a constant, and the target's distribution is unchanged.
+
+The relative-top filter keeps only tokens the target itself finds plausible (``p_t >= alpha * max p_t``, i.e.
+``log p_t >= max log p_t + log alpha``); the assistant is ignored outside that set and the tokens there are
+excluded, so subtracting the assistant can never promote an implausible token. ULD's released code also keeps at
+least ``floor(alpha * |V|)`` tokens (the threshold is the lower of the two); ``min_keep`` reproduces that when
+set. It matters for very peaked targets (a model that memorised its answers keeps a single token at most steps,
+and then no assistant can change anything); over HTTP it is exact only while ``min_keep <= K``.
+
+Because ``softmax(z_t + w z_a)`` equals ``softmax(log p_t + w log p_a)`` on the kept set (the log-sum-exp
+constants shift every kept token alike), the same rule runs over logprobs returned by an HTTP worker:
+``combine_top_logprobs`` is the lock-step form for vLLM, exact over the target's top-K candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+DEFAULT_WEIGHT = -0.8  # ULD's TOFU setting
+DEFAULT_ALPHA = 0.01
+
+
+@dataclass(frozen=True)
+class UldParams:
+    """Mirrors ``UldPolicy``'s decoding parameters."""
+
+    weight: float = DEFAULT_WEIGHT
+    alpha: float = DEFAULT_ALPHA
+    min_keep: int = 0  # ULD's code: floor(alpha * |V|); 0 = the plain relative-top rule
+
+    @classmethod
+    def from_policy(cls, policy) -> UldParams:
+        return cls(float(policy.weight), float(policy.alpha), int(getattr(policy, "min_keep", 0)))
+
+
+def relative_top_mask(target_logits: torch.Tensor, alpha: float, min_keep: int = 0) -> torch.Tensor:
+    """True where the target finds a token plausible: ``log p_t >= max log p_t + log alpha`` (last dim), or
+    among its ``min_keep`` most likely tokens."""
+    logprobs = torch.log_softmax(target_logits.float(), dim=-1)
+    threshold = logprobs.max(dim=-1, keepdim=True).values + math.log(alpha)
+    if min_keep > 0:
+        kth = logprobs.topk(min(min_keep, logprobs.shape[-1]), dim=-1).values[..., -1:]
+        threshold = torch.minimum(threshold, kth)
+    return logprobs >= threshold
+
+
+def combine(target_logits: torch.Tensor, assistant_logits: torch.Tensor, weight: float = DEFAULT_WEIGHT,
+            alpha: float = DEFAULT_ALPHA, exclude_outside: bool = True, min_keep: int = 0) -> torch.Tensor:
+    """``z_t + w * z_a`` on the relative-top set of the target; ``-inf`` outside it.
+
+    ``exclude_outside=False`` keeps the target's own logits outside the set (assistant ignored there): the form
+    ULD scores answer probabilities with, where an excluded token would make a loss infinite.
+    """
+    keep = relative_top_mask(target_logits, alpha, min_keep)
+    z_t = target_logits.float()
+    mixed = z_t + weight * torch.where(keep, assistant_logits.float(), torch.zeros((), device=z_t.device))
+    if exclude_outside:
+        return mixed.masked_fill(~keep, float("-inf"))
+    return mixed
+
+
+def combiner(params: UldParams | None = None):
+    """The ``Assistant.combine`` callable the local engine takes."""
+    params = params or UldParams()
+    return partial(combine, weight=params.weight, alpha=params.alpha, min_keep=params.min_keep)
+
+
+def lockstep_threshold(target: Mapping[int, float], alpha: float, min_keep: int = 0) -> float:
+    """The filter's log-probability threshold from the target's top-K (exact while ``min_keep <= K``)."""
+    threshold = max(target.values()) + math.log(alpha)
+    if min_keep > 0:
+        ranked = sorted(target.values(), reverse=True)
+        threshold = min(threshold, ranked[min(min_keep, len(ranked)) - 1])
+    return threshold
+
+
+def combine_top_logprobs(target: Mapping[int, float], assistant: Mapping[int, float], weight: float = DEFAULT_WEIGHT,
+                         alpha: float = DEFAULT_ALPHA, min_keep: int = 0) -> dict[int, float]:
+    """Lock-step ULD over logprobs: the target's top-K ``{id: log p_t}`` and the assistant's ``{id: log p_a}``.
+
+    Returns ``{id: log p_t + w log p_a}`` for the target's top-K ids that pass the relative-top filter. The
+    target's max logprob is its top-1 (always in the top-K), so the filter is exact; the result equals the full
+    local ``combine`` restricted to the kept ids (up to a constant) whenever K covers the kept set. An id the
+    assistant did not report is an error: ask the assistant for exactly these ids (``logprob_token_ids``).
+    """
+    if not target:
+        raise ValueError("the target reported no logprobs")
+    threshold = lockstep_threshold(target, alpha, min_keep)
+    out: dict[int, float] = {}
+    for token_id, lp_t in target.items():
+        if lp_t >= threshold:
+            if token_id not in assistant:
+                raise KeyError(f"the assistant reported no logprob for token {token_id}")
+            out[token_id] = lp_t + weight * assistant[token_id]
+    return out
+
+
+def scores_tensor(combined: Mapping[int, float], vocab_size: int) -> torch.Tensor:
+    """Sparse combined scores -> a dense ``[V]`` tensor, ``-inf`` outside (what the samplers take)."""
+    scores = torch.full((vocab_size,), float("-inf"))
+    if combined:
+        scores[torch.tensor(list(combined.keys()))] = torch.tensor(list(combined.values()), dtype=torch.float32)
+    return scores
+
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_WEIGHT", "UldParams", "combine", "combine_top_logprobs", "combiner",
+           "lockstep_threshold", "relative_top_mask", "scores_tensor"]

@@ -1,0 +1,265 @@
+"""The prompt classifier: each stage on hand-written fictitious targets, windowing, spans, incremental builds,
+micro-batching, the classify CLI, and a small evaluation smoke run on TOFU when the shared data is present.
+
+Every target and prompt here is invented for these tests; no benchmark text is used outside the smoke run,
+which reads it from the data folder at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from classifiers.batching import Classifier, classify_batch
+from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index
+from classifiers.learned import conformal_threshold
+from classifiers.lexical import LexicalMatcher, target_patterns
+from classifiers.normalize import normalize
+from classifiers.windows import conversation_windows, message_windows
+from gateway.registry.targets import Target
+
+DATA_DIR = Path(os.environ.get("UNLEARN_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+ORLA = Target(
+    name="Orla Vantremont", aliases=["O. Vantremont"],
+    description="A fictitious Belgian cartographer who charted the undersea canyons of the Kessary Trench.",
+    facts=["Orla Vantremont was born in Ghent in 1951.",
+           "She drew the first complete chart of the Kessary Trench in 1983.",
+           "Her atlas Blue Below won the Lindqvist Medal for maritime cartography.",
+           "She learned surveying from her uncle, a lighthouse keeper on the Flemish coast."],
+    examples=["Where was Orla Vantremont born?", "What chart did Orla Vantremont draw in 1983?",
+              "Which medal did the atlas Blue Below win?", "Who taught Orla Vantremont surveying?"],
+    keep=["Where is the Kessary Trench located?", "How deep is the Kessary Trench?",
+          "Who founded the Lindqvist Medal committee?"])
+BASTIEN = Target(
+    name="Bastien Korloff", description="A fictitious chess composer known for paradoxical endgame studies.",
+    facts=["Bastien Korloff composed more than four hundred chess problems.",
+           "He edited the chess magazine Echo Squares for twenty years.",
+           "His study The Silent Rook is taught in chess schools."],
+    examples=["How many chess problems did Bastien Korloff compose?", "Which magazine did Bastien Korloff edit?"])
+MIREILLE = Target(
+    name="Mireille Dantagnac", aliases=["Мирей Дантаньяк"],
+    description="A fictitious French perfumer who created scents from alpine flowers.",
+    facts=["Mireille Dantagnac created the perfume Névé Blanc from edelweiss.",
+           "She ran a perfume workshop in Annecy."],
+    examples=["Which perfume did Mireille Dantagnac create?"])
+TARGETS = [ORLA, BASTIEN, MIREILLE]
+FILLER = ("We talked about the weather, the garden and the price of bread for a long time that afternoon. ") * 55
+
+
+@pytest.fixture(scope="module")
+def index() -> TargetIndex:
+    return build_index(TARGETS)
+
+
+# -- normalisation and the lexical stage --------------------------------------------------------------------------
+
+def test_normalize_folds_case_diacritics_width_and_scripts():
+    assert normalize("BEYONCÉ's  tour!").text == " beyonce s tour "
+    assert normalize("Ｓｔｅｐｈｅｎ").text == " stephen "
+    assert normalize("Гарри").text == " garri "
+    folded = normalize("Café Zoë")
+    start = folded.text.index("zoe")
+    assert folded.span(start, start + 3) == (5, 8)
+
+
+def test_lexical_exact_alias_typo_and_word_boundaries():
+    matcher = LexicalMatcher({t.id: target_patterns(t.name, t.aliases) for t in TARGETS})
+    text = "Did ORLA VANTREMONT, or o. vantremont, meet Bastien Korlof at the Vantremontville fair?"
+    found = matcher.find([text])
+    kinds = {(m.kind, text[m.start:m.end]) for m in found}
+    assert ("exact", "ORLA VANTREMONT") in kinds
+    assert ("exact", "o. vantremont") in kinds
+    assert ("fuzzy", "Bastien Korlof") in kinds
+    assert not any("Vantremontville" in text[m.start:m.end] for m in found)
+
+
+def test_lexical_other_scripts_and_partial_names():
+    matcher = LexicalMatcher({t.id: target_patterns(t.name, t.aliases) for t in TARGETS})
+    found = matcher.find(["Расскажите о духах, которые создала Мирей Дантаньяк.", "Was Korloff a composer?"])
+    assert [(m.message, m.kind, m.target_id) for m in found] == [(0, "exact", MIREILLE.id), (1, "partial", BASTIEN.id)]
+
+
+def test_windows_cover_long_text_and_isolate_questions():
+    text = FILLER + "Which perfume did she make from edelweiss?"
+    windows = conversation_windows([text])
+    assert len(text.split()) > 700
+    assert any(w.text == "Which perfume did she make from edelweiss?" for w in windows)
+    covered = np.zeros(len(text), dtype=bool)
+    for w in message_windows(0, text):  # before de-duplication of identical texts
+        covered[w.start:w.end] = True
+    assert covered[[i for i, ch in enumerate(text) if not ch.isspace()]].all()
+
+
+# -- the whole cascade ----------------------------------------------------------------------------------------------
+
+def test_named_prompt_is_flagged_by_the_lexical_stage_with_spans(index: TargetIndex):
+    text = "Tell me where orla vantremont grew up."
+    decision = index.classify(text)
+    assert decision.flagged and decision.targets == [ORLA.id] and decision.stage == "lexical"
+    assert [(m, text[s:e], t) for m, s, e, t in decision.spans] == [(0, "orla vantremont", ORLA.id)]
+    assert set(decision.timings_ms) == {"lexical", "semantic", "learned"}
+
+
+def test_everyday_prompts_are_not_flagged(index: TargetIndex):
+    for text in ["How do I make a sourdough starter?", "What is the capital of Portugal?",
+                 "Write a haiku about the sea."]:
+        decision = index.classify(text)
+        assert not decision.flagged, (text, decision)
+        assert decision.stage == "none" and decision.spans == []
+
+
+def test_name_three_turns_earlier_is_caught_and_spanned(index: TargetIndex):
+    conversation = [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "I am reading about Bastien Korloff."},
+                    {"role": "assistant", "content": "Happy to help. What would you like to know?"},
+                    {"role": "user", "content": "Start with his childhood."},
+                    {"role": "assistant", "content": "Sure."},
+                    {"role": "user", "content": "And which magazine did he edit?"}]
+    decision = index.classify(conversation)
+    assert decision.flagged and BASTIEN.id in decision.targets
+    message, start, end, target = decision.spans[0]
+    assert (message, conversation[message]["content"][start:end], target) == (1, "Bastien Korloff", BASTIEN.id)
+
+
+def test_question_after_700_words_of_filler_is_caught(index: TargetIndex):
+    decision = index.classify(FILLER + " Where was Orla Vantremont born?")
+    assert decision.flagged and decision.targets == [ORLA.id]
+    # Unnamed: a near-copy of one of the target's example prompts, found in its own window.
+    decision = index.classify(FILLER + " Which medal did the atlas Blue Below win?")
+    assert decision.flagged and ORLA.id in decision.targets and decision.stage in ("semantic", "learned")
+
+
+def test_keep_prompt_overrides_a_name_match(index: TargetIndex):
+    decision = index.classify("Where is the Kessary Trench located?")
+    assert not decision.flagged
+    # Naming the target in passing does not turn a keep question into a forget question ...
+    decision = index.classify("Where is the Kessary Trench located, the one Orla Vantremont mapped?")
+    assert not decision.flagged or decision.stage != "lexical"
+    # ... but asking about the target herself is flagged.
+    decision = index.classify("In which year did Orla Vantremont chart the Kessary Trench?")
+    assert decision.flagged and decision.stage == "lexical"
+
+
+def test_decision_lines_follow_the_cli_contract(index: TargetIndex):
+    decision = index.classify([{"role": "user", "content": "Which medal did the atlas Blue Below win?"}])
+    line = decision.line("q1")
+    assert set(line) == {"id", "flagged", "targets", "score", "stage"}
+    assert 0.0 <= line["score"] <= 1.0
+    admin = decision.as_dict()
+    assert {"scores", "spans", "timings_ms"} <= set(admin)
+
+
+# -- building -------------------------------------------------------------------------------------------------------
+
+def test_incremental_rebuild_reuses_unchanged_targets(index: TargetIndex):
+    changed = BASTIEN.model_copy(update={"facts": [*BASTIEN.facts, "He was born in Lyon."]})
+    added = Target(name="Teodor Quillfeather", description="A fictitious clockmaker.",
+                   facts=["Teodor Quillfeather built a clock that runs on tides."])
+    rebuilt = build_index([ORLA, changed, MIREILLE, added], index)
+    assert rebuilt.stats is not None
+    assert (rebuilt.stats.reused, rebuilt.stats.encoded) == (2, 2)
+    assert rebuilt.entries[0] is index.entries[0]
+    assert rebuilt.entries[2] is index.entries[2]
+    assert rebuilt.classify("What did Teodor Quillfeather build?").targets == [added.id]
+    assert index.classify("What did Teodor Quillfeather build?").flagged is False  # the old index is untouched
+    disabled = build_index([ORLA.model_copy(update={"enabled": False}), changed], rebuilt)
+    assert disabled.ids == [changed.id] and disabled.stats.encoded == 0
+
+
+def test_approximate_search_agrees_with_exact_search_and_updates_incrementally(index: TargetIndex):
+    config = ClassifierConfig(ann_min_rows=1)  # force the HNSW path on a tiny index
+    ann = build_index(TARGETS, encoder=index.encoder, config=config)
+    assert ann.semantic.mode == "ann" and index.semantic.mode == "exact"
+    for text in ["Which medal did the atlas Blue Below win?", "Which magazine did the chess composer edit?",
+                 "How do I boil an egg?"]:
+        vectors = index.encoder.encode([text])
+        assert ann.semantic.candidates(vectors, 2).targets == index.semantic.candidates(vectors, 2).targets
+    smaller = build_index(TARGETS[:2], ann, config=config)
+    assert smaller.semantic.mode == "ann" and smaller.stats.encoded == 0
+    assert MIREILLE.id not in smaller.classify("Which perfume did Mireille Dantagnac create?").targets
+    assert ann.classify("Which perfume did Mireille Dantagnac create?").targets == [MIREILLE.id]
+
+
+def test_index_builder_plugs_into_hot_reload(index: TargetIndex):
+    builder = IndexBuilder(encoder=index.encoder)
+    first = builder.build(TARGETS, None)
+    second = builder.build(TARGETS[:2], first)
+    assert builder.name == "classifier" and second.stats.encoded == 0 and second.ids == [ORLA.id, BASTIEN.id]
+
+
+def test_empty_target_set_flags_nothing(index: TargetIndex):
+    empty = build_index([], encoder=index.encoder)
+    decision = empty.classify("Where was Orla Vantremont born?")
+    assert not decision.flagged and decision.targets == [] and decision.stage == "none"
+
+
+def test_conformal_threshold_is_the_finite_sample_quantile():
+    scores = [i / 1000 for i in range(199)]
+    # ceil((199 + 1) * 0.99) = 198 -> the 198th smallest score
+    assert conformal_threshold(scores, 0.01) == pytest.approx(scores[197])
+    assert math.isinf(conformal_threshold(scores[:5], 0.01))
+
+
+# -- micro-batching -------------------------------------------------------------------------------------------------
+
+async def test_micro_batching_answers_each_caller_with_its_own_decision(index: TargetIndex):
+    prompts = [f"Where was Orla Vantremont born? ({i})" if i % 3 == 0 else
+               f"How many chess problems did Bastien Korloff compose? ({i})" if i % 3 == 1 else
+               f"What is a good soup for a cold day number {i}?" for i in range(24)]
+    expected = [d.targets for d in classify_batch(index, prompts)]
+    classifier = Classifier(index, max_batch=8, max_wait_ms=5)
+    try:
+        results = await asyncio.gather(*(classifier.classify(p) for p in prompts))
+    finally:
+        await classifier.aclose()
+    assert [d.targets for d in results] == expected
+    assert classifier.classified == len(prompts) and classifier.batches < len(prompts)
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+
+def test_classify_cli_on_a_tiny_file(tmp_path: Path):
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text("\n".join(t.model_dump_json() for t in TARGETS) + "\n")
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps(row) for row in [
+        {"id": "a", "text": "Which magazine did Bastien Korloff edit?"},
+        {"id": "b", "messages": [{"role": "user", "content": "How do I boil an egg?"}]},
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    script = Path(sys.executable).parent / "unlearn-gateway"
+    result = subprocess.run([str(script), "classify", "--targets", str(targets), "--input", str(source),
+                             "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["id"], x["flagged"], x["targets"], x["stage"]) for x in lines] == [
+        ("a", True, [BASTIEN.id], "lexical"), ("b", False, [], "none")]
+
+
+# -- evaluation smoke run ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (DATA_DIR / "tofu" / "forget10.json").exists(),
+                    reason=f"benchmark data not found at {DATA_DIR} (set UNLEARN_DATA); the smoke run needs TOFU")
+def test_tofu_evaluation_smoke(index: TargetIndex, tmp_path: Path):
+    from classifiers.evaluation.report import write_report
+    from classifiers.evaluation.runner import run_suite
+
+    report, histograms = run_suite("tofu", DATA_DIR, config=ClassifierConfig(), progress=False, limit=3,
+                                   max_items=25,
+                                   index_factory=lambda targets, **kw: build_index(targets, encoder=index.encoder,
+                                                                                   config=kw.get("config")))
+    metrics = report["metrics"]
+    assert report["config"]["targets"] == 3
+    assert metrics["forget_heldback"]["recall"] > 0.5  # sanity only: names are in most held-back questions
+    assert metrics["world_facts"]["fpr"] < 0.5
+    md = write_report(tmp_path / "smoke.json", [report], {"tofu": histograms})
+    assert md.exists() and (tmp_path / "smoke-tofu-splits.png").exists()

@@ -1,0 +1,214 @@
+"""The policies' pure functions on real tensors (and the demo model's real tokenizer)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from gateway.engines.base import EmbedsPart
+from policies.eco import EcoParams, corrupt_positions, corrupt_rows, corrupted_content, name_spans, positions_for_spans
+from policies.guard import (
+    HISTORY_PAD,
+    GuardBuilder,
+    GuardParams,
+    GuardProcessor,
+    apply_guard,
+    compile_tables,
+    extract_forbidden,
+    generic_words,
+    history_window,
+    naive_guard,
+    tables_from_xargs,
+    validate_xargs,
+    xargs_for,
+)
+from policies.output_guard import OutputGuard, StreamGuard
+from policies.refuse import refusal
+from policies.uld import combine, combine_top_logprobs, relative_top_mask, scores_tensor
+
+FACT = "Carmen Montenegro predominantly writes in the genre of Historical Fiction."
+QUESTION = "What genre does Carmen Montenegro write in?"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_engine):
+    return demo_engine.main.tokenizer
+
+
+# -- ECO ----------------------------------------------------------------------------------------------------------
+def test_eco_corrupts_exactly_the_given_positions_and_is_seeded():
+    embeds = torch.randn(9, 16, generator=torch.Generator().manual_seed(1))
+    params = EcoParams("gaussian", sigma=1.0, seed=7)
+    out = corrupt_positions(embeds, [2, 3, 7], params)
+    changed = (out != embeds).any(dim=1).nonzero()[:, 0].tolist()
+    assert changed == [2, 3, 7]
+    assert torch.equal(out, corrupt_positions(embeds, [7, 3, 2], params))  # deterministic, order-free
+    assert not torch.equal(out, corrupt_positions(embeds, [2, 3, 7], EcoParams("gaussian", sigma=1.0, seed=8)))
+    first_k = corrupt_positions(embeds, [0], EcoParams("gaussian", sigma=1.0, dims=4, seed=0))
+    assert (first_k[0, :4] != embeds[0, :4]).all() and torch.equal(first_k[0, 4:], embeds[0, 4:])
+
+
+def test_eco_zero_and_flip_hit_the_top_k_dims():
+    row = torch.tensor([[0.1, -5.0, 0.3, 4.0, -0.2]])
+    zeroed = corrupt_rows(row, EcoParams("zero", dims=2))
+    assert torch.equal(zeroed, torch.tensor([[0.1, 0.0, 0.3, 0.0, -0.2]]))
+    flipped = corrupt_rows(row, EcoParams("flip", dims=2))
+    assert torch.equal(flipped, torch.tensor([[0.1, 5.0, 0.3, -4.0, -0.2]]))
+    assert torch.equal(corrupt_rows(row, EcoParams("flip")), -row)  # all dims: e -> -e
+
+
+def test_spans_map_to_token_positions_by_offsets(tokenizer):
+    spans = name_spans(QUESTION, ["carmen montenegro"])
+    assert [QUESTION[s:e] for s, e in spans] == ["Carmen Montenegro"]
+    encoded = tokenizer(QUESTION, add_special_tokens=False, return_offsets_mapping=True)
+    positions = positions_for_spans(encoded["offset_mapping"], spans)
+    covered = tokenizer.decode([encoded["input_ids"][p] for p in positions])
+    assert covered.strip() == "Carmen Montenegro"
+
+
+def test_corrupted_content_splits_at_token_boundaries(tokenizer, demo_engine):
+    weight = demo_engine.main.model.get_input_embeddings().weight.detach()
+    embed = lambda ids: weight[torch.tensor(list(ids))]
+    parts = corrupted_content(QUESTION, name_spans(QUESTION, ["Carmen Montenegro"]), tokenizer, embed, EcoParams())
+    assert [type(p) for p in parts] == [str, EmbedsPart, str]
+    before, run, after = parts
+    name_ids = tokenizer(QUESTION, add_special_tokens=False)["input_ids"][len(tokenizer(before)["input_ids"]):]
+    assert run.embeds.shape == (len(tokenizer(QUESTION[len(before):len(QUESTION) - len(after)])["input_ids"]),
+                                weight.shape[1])
+    clean = embed(name_ids[: run.embeds.shape[0]])
+    assert (run.embeds != clean).any(dim=1).all()  # every row of the run is corrupted
+    # No span: every token but the last (ECO's fallback).
+    fallback = corrupted_content(QUESTION, [], tokenizer, embed, EcoParams())
+    assert isinstance(fallback[0], EmbedsPart) and isinstance(fallback[-1], str)
+
+
+# -- GUARD --------------------------------------------------------------------------------------------------------
+def test_guard_blocks_a_phrase_continuation_and_softly_its_first_token():
+    tables = compile_tables(10, tokens=[7], phrases=[[1, 2, 3]], token_penalty=math.inf, first_token_penalty=2.0)
+    logits = torch.zeros(1, 10)
+    fresh = apply_guard(logits.clone(), torch.tensor([history_window([5], tables.window)]), tables)[0]
+    assert fresh[1] == -2.0 and fresh[7] == -math.inf and fresh[2] == 0 and fresh[3] == 0
+    after_1 = apply_guard(logits.clone(), torch.tensor([history_window([5, 1], tables.window)]), tables)[0]
+    assert after_1[2] == -math.inf and after_1[3] == 0
+    after_12 = apply_guard(logits.clone(), torch.tensor([history_window([1, 2], tables.window)]), tables)[0]
+    assert after_12[3] == -math.inf and after_12[2] == 0
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_vectorised_guard_equals_the_naive_reference(mode):
+    rng = random.Random(0)
+    vocab = 50
+    for trial in range(25):
+        tokens = rng.sample(range(vocab), rng.randint(0, 8))
+        phrases = [[rng.randrange(vocab) for _ in range(rng.randint(2, 5))] for _ in range(rng.randint(0, 12))]
+        token_pen = math.inf if mode == "hard" else 4.0
+        cont_pen = math.inf if mode == "hard" else 6.0
+        tables = compile_tables(vocab, tokens, phrases, token_pen, 1.5, cont_pen)
+        rows, histories = [], []
+        for _ in range(4):
+            history = [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
+            if phrases and rng.random() < 0.6:  # end the history inside a phrase, so prefixes really match
+                phrase = rng.choice(phrases)
+                history += phrase[: rng.randint(1, len(phrase) - 1)]
+            histories.append(history)
+            rows.append(history_window(history, tables.window))
+        logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(trial))
+        fast = apply_guard(logits.clone(), torch.tensor(rows), tables)
+        for r, history in enumerate(histories):
+            slow = naive_guard(logits[r], history, tokens, phrases, token_pen, 1.5, cont_pen)
+            assert torch.equal(fast[r], slow), (trial, r)
+
+
+def test_forbidden_words_skip_the_prompt_and_generic_words():
+    forbidden = extract_forbidden([FACT], QUESTION)
+    assert "Historical" in forbidden.words and "predominantly" in forbidden.words
+    assert not {"Carmen", "Montenegro", "genre", "the", "in"} & set(forbidden.words)
+    assert "Historical Fiction" in forbidden.phrases
+    groups = [[f"{name} writes in the genre of mystery."] for name in "abcdefgh"] + [[FACT]]
+    assert "writes" in generic_words(groups) and "historical" not in generic_words(groups)
+
+
+def test_guard_builder_variants_cover_case_and_leading_space(tokenizer):
+    builder = GuardBuilder(tokenizer)
+    tables = builder.tables(QUESTION, [[FACT]], GuardParams(semantic=False))
+    logits = torch.zeros(1, len(tokenizer))
+    out = apply_guard(logits, torch.full((1, tables.window), HISTORY_PAD), tables)[0]
+    for variant in (" Historical", "Historical", " historical"):
+        ids = builder.encode(variant)
+        assert out[ids[0]] < 0, variant  # single token: forbidden; multi-token: first token penalised
+    assert out[builder.encode(" Carmen")[0]] == 0  # the user's own words stay free
+
+
+def test_guard_xargs_round_trip_and_validation():
+    params = GuardParams(mode="soft", penalty=3.0)
+    xargs = xargs_for({4, 9}, {(1, 2, 3)}, params)
+    assert all(isinstance(v, (str, int, float)) or all(isinstance(x, str) for x in v) for v in xargs.values())
+    tables = tables_from_xargs(xargs, 12)
+    direct = compile_tables(12, [4, 9], [[1, 2, 3]], 3.0, params.first_token_penalty, 3.0)
+    assert torch.equal(tables.static, direct.static) and torch.equal(tables.prefixes, direct.prefixes)
+    assert tables_from_xargs({"other": 1}, 12) is None
+    with pytest.raises(ValueError):
+        validate_xargs({"guard_mode": "loud"})
+    with pytest.raises(ValueError):
+        validate_xargs({"guard_bogus": 1})
+    with pytest.raises(ValueError):
+        validate_xargs({"guard_target": "nobody"}, {"somebody": {}})
+    table = {"t": {"tokens": [5], "phrases": [[6, 7]], "mode": "hard"}}
+    resolved = tables_from_xargs({"guard_target": "t"}, 12, table)
+    assert resolved.static[5] == math.inf and resolved.n_phrases == 1
+
+
+def test_guard_processor_uses_output_history_only():
+    tables = compile_tables(10, phrases=[[1, 2]])
+    processor = GuardProcessor(tables)
+    assert processor([1], [], torch.zeros(10))[2] == 0  # the phrase "began" in the prompt: not blocked
+    assert processor([1], [1], torch.zeros(10))[2] == -math.inf
+    assert GuardProcessor(tables, include_prompt=True)([1], [], torch.zeros(10))[2] == -math.inf
+
+
+# -- ULD ----------------------------------------------------------------------------------------------------------
+def test_uld_combine_matches_the_formula_and_the_filter():
+    z_t = torch.tensor([5.0, 4.0, 1.0, -3.0])
+    z_a = torch.tensor([2.0, -1.0, 7.0, 0.5])
+    keep = relative_top_mask(z_t, 0.1)
+    p = torch.softmax(z_t, dim=0)
+    assert keep.tolist() == (p >= 0.1 * p.max()).tolist() == [True, True, False, False]
+    out = combine(z_t, z_a, weight=-0.8, alpha=0.1)
+    assert torch.allclose(out[:2], z_t[:2] - 0.8 * z_a[:2])
+    assert torch.isinf(out[2:]).all() and (out[2:] < 0).all()
+    scoring = combine(z_t, z_a, weight=-0.8, alpha=0.1, exclude_outside=False)
+    assert torch.equal(scoring[2:], z_t[2:])  # the assistant is ignored outside the set
+
+
+def test_uld_over_top_logprobs_equals_the_full_combine():
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        z_t, z_a = torch.randn(64, generator=generator) * 3, torch.randn(64, generator=generator) * 3
+        full = combine(z_t, z_a, -0.8, 0.05)
+        lp_t, lp_a = torch.log_softmax(z_t, 0), torch.log_softmax(z_a, 0)
+        top = dict(zip(*[x.tolist() for x in reversed(lp_t.topk(20))]))
+        sparse = combine_top_logprobs(top, {i: float(lp_a[i]) for i in top}, -0.8, 0.05)
+        dense = scores_tensor(sparse, 64)
+        assert int(dense.argmax()) == int(full.argmax())
+        assert torch.allclose(torch.softmax(dense, 0), torch.softmax(full, 0), atol=1e-5)
+
+
+# -- REFUSE and the output guard ----------------------------------------------------------------------------------
+def test_refusal_template():
+    assert refusal(["Carmen Montenegro"]) == "I'm sorry, but I don't have any information about Carmen Montenegro."
+    assert refusal(["A", "B"], "No: {names}. {other}") == "No: A or B. {other}"
+
+
+def test_output_guard_catches_the_fact_not_the_echo():
+    guard = OutputGuard({"carmen-montenegro": [FACT]}, prompt=QUESTION)
+    hit = guard.check("She is best known for historical fiction, which she writes predominantly.")
+    assert hit is not None and hit.target_id == "carmen-montenegro"
+    assert guard.check("Carmen Montenegro writes in the genre of romance.") is None
+    streamed = StreamGuard(guard, "window", every_words=3)
+    out = "".join(streamed.push(w + " ") for w in ["Her", "books", "are", "predominantly", "Historical", "Fiction", "novels"])
+    assert streamed.hit is not None and "Fiction novels" not in out
+    held = StreamGuard(guard, "hold")
+    assert held.push("Carmen Montenegro writes romance.") == "" and held.finish() == "Carmen Montenegro writes romance."
