@@ -26,6 +26,7 @@ from gateway.targets_middleware import TargetsVersionMiddleware
 from gateway.telemetry.engine import instrument
 from gateway.telemetry.middleware import TelemetryConfig, TelemetryMiddleware
 from gateway.telemetry.tracing import RequestTracer, build_tracer
+from gateway.unlearning import Unlearner
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,31 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error", "server_error")
 
 
+def _policy_kit(settings: Settings, engine: Engine):
+    """What the policies need of the served model: its tokenizer and embedding rows (and GUARD's state).
+
+    The local engine has them in memory; in front of vLLM they come from a local copy of the served checkpoint
+    (``UNLEARN_MODEL``). Without one, flagged requests can only be refused (``Unlearner`` handles None).
+    """
+    from gateway.engines.local import LocalEngine
+    from gateway.engines.policy import checkpoint_kit, local_kit
+
+    if isinstance(engine, LocalEngine):
+        return local_kit(engine)
+    try:
+        return checkpoint_kit(settings.model)
+    except (OSError, ValueError) as exc:
+        log.warning("no local copy of the served model (%s): flagged requests will be refused", exc)
+        return None
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None, *, store: TargetStore | None = None,
-               index_builders: Sequence[IndexBuilder] = (), tracer: RequestTracer | None = None) -> FastAPI:
+               index_builders: Sequence[IndexBuilder] | None = None, tracer: RequestTracer | None = None) -> FastAPI:
     """Build the gateway. ``engine`` and ``store`` may be given (tests, benchmarks); else they follow the settings.
 
-    ``index_builders`` turn each target set into what the request path needs (the classifier's index); every
-    worker process rebuilds them off the request path whenever the set changes (``gateway.registry.reload``).
+    ``index_builders`` turn each target set into what the request path needs; every worker process rebuilds them
+    off the request path whenever the set changes (``gateway.registry.reload``). Default: the classifier's index,
+    which the unlearning step needs (without it, requests are refused with 503 once targets exist: fail closed).
     ``tracer``: OpenTelemetry span export (tests); else one is built when ``UNLEARN_OTEL_ENDPOINT`` is set.
     """
     settings = settings or Settings()
@@ -76,6 +96,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     own_store = store is None
     target_store = store if store is not None else open_store(settings.resolved_store_url(), settings.store_path,
                                                               prefix=settings.store_prefix)
+    if index_builders is None:
+        from classifiers.index import IndexBuilder as ClassifierIndexBuilder
+
+        index_builders = (ClassifierIndexBuilder(),)
     reloader = TargetReloader(target_store, index_builders, resync_interval_s=settings.resync_interval_s,
                               grace_s=settings.store_grace_s)
     registry, instruments = metrics.build_metrics(reloader, settings.metrics_max_target_labels)
@@ -86,15 +110,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own_engine = engine is None
+        unlearner = None
         app.state.engine = engine if engine is not None else build_engine(settings)
         try:
             await reloader.start()
             await app.state.engine.start()
             # The handler sees the engine through the telemetry wrapper (upstream time, upstream errors).
-            app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments))
+            unlearner = Unlearner(_policy_kit(settings, app.state.engine), settings.engine)
+            app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments), unlearner)
             app.state.admin_handler = AdminHandler(target_store, reloader)
             yield
         finally:
+            if unlearner is not None:
+                await unlearner.aclose()
             await reloader.aclose()
             if own_store:
                 await target_store.aclose()

@@ -340,8 +340,13 @@ def test_version_classify_and_docs(admin, gw):
     pid = httpx.get(gw.url + "/ready").json()["pid"]
     assert info == {"version": 1, "active_version": 1, "store": "redis", "pid": pid}
 
-    error = error_of(admin.post("/admin/classify", json={"text": "Tell me about Alpha."}), 501)
-    assert error["code"] == "classifier_not_installed" and "not installed" in error["message"]
+    # The active version is swapped in only once the classifier index is built, so the dry run sees "Alpha".
+    hit = admin.post("/admin/classify", json={"text": "Tell me about Alpha."})
+    assert hit.status_code == 200, hit.text
+    assert hit.json()["flagged"] and hit.json()["targets"] == ["alpha"]
+    assert hit.json()["spans"] == [{"message": 0, "start": 14, "end": 19, "target": "alpha"}]
+    miss = admin.post("/admin/classify", json={"messages": [{"role": "user", "content": "How do tides work?"}]})
+    assert miss.json()["flagged"] is False and miss.json()["stage"] == "none"
     assert error_of(admin.post("/admin/classify", json={}), 422)["code"] == "validation_error"
 
     spec = httpx.get(gw.url + "/openapi.json").json()

@@ -31,7 +31,7 @@ from gateway.admin.protocol import (
     TargetWritten,
     VersionInfo,
 )
-from gateway.errors import NotInstalled
+from gateway.errors import BadRequest, NotInstalled
 from gateway.registry import ImportMode, Target, TargetNotFound, TargetPatch, TargetStore
 from gateway.registry.reload import TargetReloader
 from gateway.registry.sqlite_store import SQLiteTargetStore
@@ -165,6 +165,17 @@ class AdminHandler:
 
     # -- classifier ------------------------------------------------------------------------------------------
 
-    async def classify(self, _: Any) -> None:
-        raise NotInstalled("the classifier is not installed yet: POST /admin/classify answers once the classifier "
-                           "(classifiers/) is wired into the gateway", code="classifier_not_installed")
+    async def classify(self, body: Any) -> dict[str, Any]:
+        """The classifier's decision on the worker's active target set, without generating anything."""
+        import asyncio
+
+        active = self.reloader.current
+        index = active.indexes.get("classifier")
+        if index is None:
+            raise NotInstalled("no classifier index is loaded in this worker", code="classifier_not_installed")
+        conversation = body.messages if body.messages is not None else body.text
+        try:
+            decision = await asyncio.to_thread(index.classify, conversation)
+        except (TypeError, KeyError, AttributeError) as exc:  # malformed messages: the client's to fix
+            raise BadRequest(f"messages could not be read: {exc}", param="messages") from exc
+        return decision.as_dict() | {"targets_version": active.version}

@@ -182,10 +182,10 @@ async def version(handler: Handler, response: Response) -> VersionInfo:
     return info
 
 
-@router.post("/classify", summary="Dry-run the classifier on a conversation or text (501 until it is installed)",
+@router.post("/classify", summary="Dry-run the classifier on a conversation or text (ARCHITECTURE §6)",
              responses={501: {"model": AdminErrorResponse}})
-async def classify(body: ClassifyRequest, handler: Handler) -> None:
-    await handler.classify(body)
+async def classify(body: ClassifyRequest, handler: Handler) -> dict:
+    return await handler.classify(body)
 
 
 async def _read_capped(request: Request, cap: int) -> bytes:

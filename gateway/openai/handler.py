@@ -20,6 +20,7 @@ from gateway.engines.base import Engine, GenerationDelta, GenerationRequest, Mes
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.openai._streams import DONE, EventStreamResponse, merge, primed, sse, unless_disconnected
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.unlearning import CLEAN, STRICTNESS, Unlearner, Verdict
 from policies.processors import LogitsProcessor
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,38 @@ async def _read_all(chunks: AsyncIterator[bytes]) -> bytes:
     return b"".join([chunk async for chunk in chunks])
 
 
+async def _canned(text: str, prompt_tokens: int = 0) -> AsyncGenerator[GenerationDelta, None]:
+    """A finished answer that is not generated (the refusal policy), shaped like an engine stream."""
+    yield GenerationDelta(text, finish_reason="stop", prompt_tokens=prompt_tokens)
+
+
 class OpenAIHandler:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, unlearner: Unlearner | None = None):
+        """``unlearner``: the gateway's unlearning step; None in the reference worker (it serves, never judges)."""
         self.engine = engine
+        self.unlearner = unlearner
+
+    async def _verdict(self, request: Request, conversations: list[list[Message]]) -> Verdict:
+        """The strictest verdict over the conversations (one per completions prompt, one for a chat)."""
+        if self.unlearner is None:
+            return CLEAN
+        active = getattr(request.state, "targets", None)
+        verdicts = [await self.unlearner.verdict(active, messages) for messages in conversations]
+        flagged = [v for v in verdicts if v.flagged]
+        return max(flagged, key=lambda v: STRICTNESS[v.method or "uld"]) if flagged else CLEAN
+
+    def _decision_headers(self, verdict: Verdict) -> dict[str, str]:
+        return {"x-unlearn-decision": verdict.header} if self.unlearner is not None else {}
+
+    def _guarded(self, verdict: Verdict, choices: list[_Choice]) -> str | None:
+        """Attach the verdict's policy to every choice; return the answer text instead for ``refuse``."""
+        if not verdict.flagged or self.unlearner is None:
+            return None
+        if verdict.method == "refuse":
+            return self.unlearner.refusal(verdict)
+        for choice in choices:
+            choice.request = self.unlearner.apply(verdict, choice.request)
+        return None
 
     # -- models ----------------------------------------------------------------------------------------------
     def models(self) -> ModelList:
@@ -118,10 +148,16 @@ class OpenAIHandler:
     async def chat(self, body: ChatCompletionRequest, request: Request, *, messages: list[Message] | None = None,
                    extras: Extras = Extras()) -> Response:
         model = self._model(body.model)
+        verdict = CLEAN
         if messages is None:
-            if (relayed := await self._relay("/v1/chat/completions", body, model, request)) is not None:
-                return relayed
             messages = [Message(m.role, m.text()) for m in body.messages]
+            verdict = await self._verdict(request, [messages])
+            headers = self._decision_headers(verdict)
+            if not verdict.flagged:
+                relayed = await self._relay("/v1/chat/completions", body, model, request, headers)
+                if relayed is not None:
+                    return relayed
+        headers = self._decision_headers(verdict)
         top = (body.top_logprobs or 0) if body.logprobs else None
         sampling = self._sampling(body, body.token_limit(), top)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -129,15 +165,20 @@ class OpenAIHandler:
                                                    logits_processors=list(extras.processors)))
                    for i in range(body.n)]
         job = _Job("chat", request_id, model, choices, top is not None, extras.tokens_as_ids)
-        return await self._serve(job, body, request)
+        return await self._serve(job, body, request, headers, canned=self._guarded(verdict, choices))
 
     async def completions(self, body: CompletionRequest, request: Request, *, prompts: list[dict] | None = None,
                           extras: Extras = Extras()) -> Response:
         """``prompts``: one dict per prompt with ``prompt``, ``prompt_ids`` or ``prompt_embeds``."""
         model = self._model(body.model)
+        verdict = CLEAN
         if prompts is None:
-            if (relayed := await self._relay("/v1/completions", body, model, request)) is not None:
-                return relayed
+            verdict = await self._verdict(request, [[Message("user", p)] for p in body.prompts()])
+            if not verdict.flagged:
+                relayed = await self._relay("/v1/completions", body, model, request,
+                                            self._decision_headers(verdict))
+                if relayed is not None:
+                    return relayed
             prompts = [{"prompt": p} for p in body.prompts()]
         sampling = self._sampling(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -149,7 +190,8 @@ class OpenAIHandler:
                                                logits_processors=list(extras.processors), **prompt)
                 choices.append(_Choice(index, p, generation))
         job = _Job("text", request_id, model, choices, body.logprobs is not None, extras.tokens_as_ids)
-        return await self._serve(job, body, request)
+        return await self._serve(job, body, request, self._decision_headers(verdict),
+                                 canned=self._guarded(verdict, choices))
 
     @staticmethod
     def _sampling(body, max_tokens: int | None, top_logprobs: int | None) -> SamplingParams:
@@ -168,7 +210,8 @@ class OpenAIHandler:
         # n choices from one seed must differ from each other and still be reproducible.
         return sampling if sampling.seed is None or i == 0 else replace(sampling, seed=sampling.seed + i)
 
-    async def _relay(self, path: str, body, model: str, request: Request) -> Response | None:
+    async def _relay(self, path: str, body, model: str, request: Request,
+                     headers: dict[str, str]) -> Response | None:
         """Pass a plain request through to an engine that can relay bytes (vLLM): no re-encoding per chunk.
 
         The payload is rebuilt from the declared fields only, so nothing else a client sent travels on.
@@ -179,29 +222,31 @@ class OpenAIHandler:
         payload = body.model_copy(update={"model": model}).model_dump_json(exclude_none=True).encode()
         relayed = await relay(path, payload)
         if body.stream:
-            return EventStreamResponse(relayed.body, media_type=relayed.content_type)
+            return EventStreamResponse(relayed.body, media_type=relayed.content_type, headers=headers)
         content = await unless_disconnected(request, _read_all(relayed.body))
         if content is None:
             return Response(status_code=499)
-        return Response(content, media_type=relayed.content_type)
+        return Response(content, media_type=relayed.content_type, headers=headers)
 
     # -- serving ---------------------------------------------------------------------------------------------
-    async def _serve(self, job: _Job, body, request: Request) -> Response:
+    async def _serve(self, job: _Job, body, request: Request, headers: dict[str, str] | None = None,
+                     canned: str | None = None) -> Response:
         streams: list[AsyncGenerator[GenerationDelta, None]] = []
         try:
             for choice in job.choices:
-                streams.append(await primed(self.engine.generate(choice.request)))
+                stream = _canned(canned) if canned is not None else self.engine.generate(choice.request)
+                streams.append(await primed(stream))
         except BaseException:
             for stream in streams:
                 await stream.aclose()
             raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStreamResponse(self._events(job, streams, include_usage))
+            return EventStreamResponse(self._events(job, streams, include_usage), headers=headers)
         result = await unless_disconnected(request, self._collect(job, streams))
         if result is None:  # the client left; nothing to answer
             return Response(status_code=499)
-        return JSONResponse(result)
+        return JSONResponse(result, headers=headers)
 
     async def _collect(self, job: _Job, streams: list[AsyncGenerator[GenerationDelta, None]]) -> dict[str, Any]:
         texts = [""] * len(job.choices)

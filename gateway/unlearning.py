@@ -1,0 +1,132 @@
+"""The unlearning step of a request: classify the whole conversation, pick the policy, apply it.
+
+One ``Unlearner`` per worker process. It holds no target state of its own: each request brings the snapshot it
+was pinned to (``request.state.targets``, see ``gateway.targets_middleware``) and is judged against exactly that
+version. The policy math stays in ``policies/``; ``gateway.engines.policy.PolicyKit`` maps it onto engine hooks.
+
+Choosing among several matched targets: the strictest method wins (``STRICTNESS``), applied with the union of
+the matched targets' names and facts. No request field takes part in any of this, so none can switch a policy
+off. A ULD target without a trained assistant (or behind the vLLM engine, where ULD needs the lock-step pool) is
+enforced with its stated fallback, never left unenforced. Classification errors fail closed (503).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gateway.engines.base import GenerationRequest, Message
+from gateway.errors import Unavailable
+from gateway.registry.reload import ActiveTargets
+from gateway.registry.targets import Target
+
+log = logging.getLogger(__name__)
+
+# refuse never generates; GUARD forbids the facts' tokens outright; ECO blinds the prompt; ULD only reweighs.
+STRICTNESS = {"refuse": 4, "guard": 3, "eco": 2, "uld": 1}
+CLASSIFIER_INDEX = "classifier"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gateway decided for one request."""
+
+    flagged: bool = False
+    method: str | None = None  # the policy applied
+    targets: tuple[Target, ...] = ()
+    spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # message index -> char spans
+
+    @property
+    def header(self) -> str:
+        # The target list is an admin secret (it names people who asked to be forgotten): say only what happened.
+        return f"flagged; policy={self.method}" if self.flagged else "clean"
+
+    def names(self) -> list[str]:
+        return [n for t in self.targets for n in (t.name, *t.aliases)]
+
+
+CLEAN = Verdict()
+
+
+def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+             "".join(p for p in m.content if isinstance(p, str))} for m in messages]
+
+
+class Unlearner:
+    def __init__(self, kit, engine_kind: str):
+        """``kit``: a ``PolicyKit`` for the served model; ``engine_kind``: "local" or "vllm"."""
+        self.kit = kit
+        self.engine_kind = engine_kind
+        self._classifier = None
+
+    async def aclose(self) -> None:
+        if self._classifier is not None:
+            await self._classifier.aclose()
+
+    def _classifier_for(self, index):
+        from classifiers import Classifier
+
+        if self._classifier is None:
+            self._classifier = Classifier(index)
+        elif self._classifier.index is not index:
+            self._classifier.swap(index)
+        return self._classifier
+
+    async def verdict(self, active: ActiveTargets | None, messages: Sequence[Message]) -> Verdict:
+        if active is None or not any(t.enabled for t in active.targets):
+            return CLEAN
+        index = active.indexes.get(CLASSIFIER_INDEX)
+        if index is None:  # targets exist but their index is missing: refuse to guess
+            raise Unavailable("the classifier index is not built yet; try again shortly")
+        try:
+            decision = await self._classifier_for(index).classify(_conversation(messages))
+        except Exception as exc:  # fail closed: an unclassified request is never served unguarded
+            log.exception("classification failed")
+            raise Unavailable("the request could not be classified; try again shortly") from exc
+        if not decision.flagged:
+            return CLEAN
+        targets = tuple(active.by_id[t] for t in decision.targets if t in active.by_id and active.by_id[t].enabled)
+        if not targets:
+            return CLEAN
+        method = max((self.effective_method(t) for t in targets), key=STRICTNESS.__getitem__)
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for message_index, start, end, _ in decision.spans:
+            spans.setdefault(message_index, []).append((start, end))
+        return Verdict(True, method, targets, spans)
+
+    def effective_method(self, target: Target) -> str:
+        if self.kit is None:  # no tokenizer or embeddings of the served model: refusing is all that is safe
+            return "refuse"
+        policy = target.policy
+        if policy.method == "uld" and (policy.adapter is None or self.engine_kind != "local"):
+            return policy.fallback
+        return policy.method
+
+    def apply(self, verdict: Verdict, request: GenerationRequest) -> GenerationRequest:
+        """The request with the verdict's policy attached (not for ``refuse``: the handler answers that)."""
+        from policies.eco import EcoParams
+        from policies.guard import GuardParams
+        from policies.uld import UldParams
+
+        chosen = [t for t in verdict.targets if self.effective_method(t) == verdict.method]
+        policy = chosen[0].policy
+        if verdict.method == "eco" and request.messages is not None:
+            params = EcoParams.from_policy(policy)
+            return self.kit.eco(request, verdict.names(), params, spans=verdict.spans, scope=policy.scope)
+        if verdict.method == "uld":
+            return self.kit.uld_request(request, policy.adapter, UldParams.from_policy(policy))
+        # GUARD, and ECO on raw completions (no messages to corrupt): forbid the facts' tokens.
+        facts = [list(t.facts) or [t.name] for t in verdict.targets]
+        guard_policy = policy if policy.method == "guard" else None
+        params = GuardParams.from_policy(guard_policy) if guard_policy is not None else GuardParams()
+        if self.engine_kind == "local":
+            return self.kit.guard_processor_request(request, facts, params)
+        return self.kit.guard_xargs_request(request, facts, params)
+
+    def refusal(self, verdict: Verdict) -> str:
+        from policies.refuse import refusal
+
+        template = next((t.policy.message for t in verdict.targets if t.policy.method == "refuse"), None)
+        return refusal([t.name for t in verdict.targets], template)
