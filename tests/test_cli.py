@@ -22,14 +22,22 @@ def test_help_lists_the_commands():
         assert command in result.stdout
 
 
-def test_demo_holds_a_conversation_through_the_gateway():
+def test_demo_shows_before_and_after_for_each_policy():
     result = run("demo")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("assistant:") == 4
-    assert "Gateway up at http://127.0.0.1:" in result.stdout
-    # The demo model's memorised answers come through (a forget-set and a retain-set author).
-    assert "Historical Fiction" in result.stdout
-    assert "Lagos, Nigeria" in result.stdout
+    out = result.stdout
+    assert "Gateway up at http://127.0.0.1:" in out
+    assert out.count("\n  assistant: ") == 4 * 4  # before + guard, eco, refuse
+    before, *after = out.split("After: both forget-set authors are targets")
+    # The demo model's memorised answers come through first (a forget-set and a retain-set author) ...
+    assert "Historical Fiction" in before and "June 9, 1951" in before and "Lagos, Nigeria" in before
+    assert before.count("clean;") == 4
+    # ... and under every policy the forget-set facts stop while the retain-set answers stay.
+    assert len(after) == 3
+    for section in after:
+        assert "Historical Fiction" not in section and "June 9, 1951" not in section
+        assert "Lagos, Nigeria" in section and "Brussels, Belgium" in section
+        assert section.count("flagged; policy=") == 2 and section.count("clean;") == 2
 
 
 def test_serve_runs_several_worker_processes(tmp_path):
