@@ -21,7 +21,7 @@ _EXPORTS = {"build_index": "classifiers.index", "TargetIndex": "classifiers.inde
             "ClassifierConfig": "classifiers.index", "Classifier": "classifiers.batching",
             "classify_batch": "classifiers.batching", "load_encoder": "classifiers.encoder"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Classifier", "ClassifierConfig", "Decision", "TargetIndex", "build_index", "classify_batch", "load_encoder"]
 
 
 def __getattr__(name: str) -> Any:

@@ -31,7 +31,7 @@ import numpy as np
 from classifiers.batching import Classifier
 from classifiers.encoder import Encoder, load_encoder
 from classifiers.gate import content_words
-from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_entry, build_index, target_digest
+from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_index
 from classifiers.lexical import target_patterns
 from classifiers.semantic import KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT, ExemplarBlock
 from gateway.registry.targets import Target
@@ -212,8 +212,5 @@ def run_bench(large: int = 100_000, requests: int = 200, concurrency: int = 64, 
         "encoder": encoder.name, "large_targets": large, "search_large": big.semantic.mode,
         "rows_large": big.semantic.rows, "prompt_tokens_mean": round(_token_count(encoder, long_prompts[:50]), 1),
         "short_tokens_mean": round(_token_count(encoder, short[:50]), 1), "requests": requests,
-        "cpu_count": os.cpu_count(), "synthetic_large_embeddings": True,
-        "digest_check": target_digest(small_targets[0])[:8]}}
+        "cpu_count": os.cpu_count(), "synthetic_large_embeddings": True}}
 
-
-__all__ = ["run_bench", "synthetic_targets", "build_entry"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -58,8 +58,8 @@ def eval_classifier(
     json_out: Annotated[Path, typer.Option("--json", help="report file (a Markdown report and PNGs go beside it)")]
     = Path("eval-classifier.json"),
     data: Annotated[Path, typer.Option(help="benchmark data folder")] = DEFAULT_DATA,
-    limit: Annotated[Optional[int], typer.Option(help="use only the first N targets (smoke runs)")] = None,
-    max_items: Annotated[Optional[int], typer.Option(help="classify at most N prompts per split")] = None,
+    limit: Annotated[int | None, typer.Option(help="use only the first N targets (smoke runs)")] = None,
+    max_items: Annotated[int | None, typer.Option(help="classify at most N prompts per split")] = None,
     fpr: Annotated[float, typer.Option(help="conformal false-positive bound of the learned stage")] = 0.01,
 ) -> None:
     """Evaluate the classifier on TOFU, RWKU and Harry Potter following ARCHITECTURE §7."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -192,7 +193,13 @@ def _exported(path: str, quantized: bool) -> Path:
     if not float_file.exists():
         _export_float(path, float_file)
     if quantized:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        # onnxruntime.quantization appends site-packages/onnxruntime/transformers to sys.path, whose `models/`
+        # folder would then shadow our `models` package: import it with sys.path restored afterwards.
+        saved_path = list(sys.path)
+        try:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+        finally:
+            sys.path[:] = saved_path
 
         tmp = int8_file.with_suffix(f".tmp{os.getpid()}.onnx")
         quantize_dynamic(str(float_file), str(tmp), weight_type=QuantType.QInt8)

@@ -29,12 +29,25 @@ import numpy as np
 
 from classifiers.encoder import Encoder, load_encoder
 from classifiers.features import FEATURES, NO_MENTION, MentionEvidence, asks_who, best_positive, pair_features
-from classifiers.learned import Calibration, Scorer, calibrate, fit_scorer
-from classifiers.lexical import (LexicalMatcher, Mention, TargetPatterns, names_someone_else, proper_phrases,
-                                 target_patterns)
-from classifiers.semantic import (ANN_MIN_ROWS, KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT, Candidates, ExemplarBlock,
-                                  SemanticIndex)
 from classifiers.gate import content_words
+from classifiers.learned import Calibration, Scorer, calibrate, fit_scorer
+from classifiers.lexical import (
+    LexicalMatcher,
+    Mention,
+    TargetPatterns,
+    names_someone_else,
+    proper_phrases,
+    target_patterns,
+)
+from classifiers.semantic import (
+    ANN_MIN_ROWS,
+    KIND_DESCRIPTION,
+    KIND_EXAMPLE,
+    KIND_FACT,
+    Candidates,
+    ExemplarBlock,
+    SemanticIndex,
+)
 from classifiers.synthetic import related_questions, reverse_questions
 from classifiers.windows import Window, conversation_windows, message_windows
 from gateway.registry.targets import Target
@@ -400,11 +413,14 @@ class TargetIndex:
             for k, text in enumerate(entry.related_texts):
                 items.append({"vec": entry.block.related[k], "text": text, "label": 0, "own": t,
                               "drop_related": k})
-        for t, entry in enumerate(self.entries):  # other targets' prompts are negatives for everyone else
+        # Other targets' prompts are negatives for everyone else, in their unnamed forms: named, they would be
+        # told apart by the name alone, while the prompts the learned stage must refuse are the unnamed ones
+        # that share a topic with a target (a film, a band, a co-author) without asking about it.
+        for t, entry in enumerate(self.entries):
             if t in chosen_set or len(self.entries) <= self.config.max_train_targets:
-                for row, text in entry.positives[: max(4, self.config.max_positives_per_target // 2)]:
-                    items.append({"vec": entry.block.vectors[row], "text": text, "label": 0, "own": t,
-                                  "cross": True})
+                for (_, text), vec in list(zip(entry.variants, entry.variant_vectors))[
+                        : self.config.max_positives_per_target]:
+                    items.append({"vec": vec, "text": text, "label": 0, "own": t, "cross": True})
         for g, text in enumerate(self.generic_texts):
             items.append({"vec": self.generic_vectors[g], "text": text, "label": 0, "own": -1, "generic": g})
         if not any(i["label"] for i in items) or all(i["label"] for i in items):

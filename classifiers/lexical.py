@@ -8,6 +8,7 @@ Why this design:
   letters is stored under each of its one-letter deletions, and each prompt token looks up its own deletions,
   so candidate pairs come from hash look-ups (again independent of the number of targets); rapidfuzz's OSA
   distance then confirms them. A multi-word name may carry one misspelt word, never more.
+- An inflected form (one or two letters appended: "Weasleys", Russian case endings) counts as one typo.
 - A two-word name also matches with one or two capitalised middle names in between ("Stephen Edwin King").
 - Besides full names, a target's distinctive surname is a *partial* mention: on its own it is only evidence
   (several targets can share "Perry"), which the learned stage weighs; a full name or alias flags.
@@ -29,6 +30,8 @@ from classifiers.normalize import Normalized, normalize, normalize_pattern
 MentionKind = Literal["exact", "fuzzy", "partial"]
 MIN_FUZZY_TOKEN = 3
 MIN_PARTIAL_TOKEN = 4
+MIN_SUFFIX_STEM = 4
+SUFFIX = 1  # an inflection ending counts as one typo
 _SUFFIXES = {"jr", "sr", "ii", "iii", "iv"}
 
 
@@ -194,6 +197,10 @@ class LexicalMatcher:
         matches: list[dict[str, int]] = []
         for _, _, word in words:
             options: dict[str, int] = {word: 0}
+            for cut in (1, 2):  # inflected forms: "Weasleys", "Гермионы" (germiony), "Хогвартсе"
+                stem = word[:-cut]
+                if len(stem) >= MIN_SUFFIX_STEM and stem in self._name_tokens:
+                    options.setdefault(stem, SUFFIX)
             if word not in self._name_tokens and len(word) >= MIN_FUZZY_TOKEN and word.isalpha():
                 seen: set[str] = set()
                 for key in (word, *_deletions(word)):
@@ -222,7 +229,8 @@ class LexicalMatcher:
                             dk = matches[i + k][token]
                             total += dk
                             typos += int(dk > 0)
-                        if not ok or typos == 0 or typos > 1 or (len(tokens) == 1 and len(tokens[0]) < 6):
+                        short_typo = len(tokens) == 1 and len(tokens[0]) < 6 and d0 != SUFFIX
+                        if not ok or typos == 0 or typos > 1 or short_typo:
                             continue
                         start_norm, end_norm = words[i][0], words[i + len(tokens) - 1][1]
                         s, e = norm.span(start_norm, end_norm)
@@ -230,7 +238,8 @@ class LexicalMatcher:
                             continue
                         taken.add((target_id, s))
                         letters = sum(len(t) for t in tokens)
-                        out.append(Mention(index, s, e, target_id, "fuzzy", 1.0 - total / letters))
+                        out.append(Mention(index, s, e, target_id, "fuzzy",
+                                           max(0.5, 1.0 - min(total, 2 * len(tokens)) / letters)))
         return out
 
 

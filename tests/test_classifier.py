@@ -238,7 +238,7 @@ def test_classify_cli_on_a_tiny_file(tmp_path: Path):
     out = tmp_path / "out.jsonl"
     script = Path(sys.executable).parent / "unlearn-gateway"
     result = subprocess.run([str(script), "classify", "--targets", str(targets), "--input", str(source),
-                             "--output", str(out)], capture_output=True, text=True, timeout=300)
+                             "--output", str(out)], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(x["id"], x["flagged"], x["targets"], x["stage"]) for x in lines] == [

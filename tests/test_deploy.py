@@ -157,7 +157,8 @@ def test_monitoring_configs_reference_real_metrics(local_gateway):
     referenced = {re.sub(r"_(bucket|count|sum|total)$", "", name) for e in exprs
                   for name in re.findall(r"\bunlearn_[a-z_]+", e)}
     page = httpx.get(local_gateway.url + "/metrics").text  # TYPE lines: families without samples yet too
-    exposed = {re.sub(r"_(total|created)$", "", name) for name in re.findall(r"^# TYPE (unlearn_[a-z_]+) ", page, re.MULTILINE)}
+    exposed = {re.sub(r"_(total|created)$", "", name)
+               for name in re.findall(r"^# TYPE (unlearn_[a-z_]+) ", page, re.MULTILINE)}
     assert referenced and referenced <= exposed, referenced - exposed
     for provisioning in (DEPLOY / "grafana" / "provisioning").rglob("*.yml"):
         assert yaml.safe_load(provisioning.read_text())["apiVersion"] == 1
@@ -337,7 +338,7 @@ def test_dockerignore_keeps_what_the_images_copy():
                     assert source in allowed, f"{dockerfile.name}: COPY {source} is excluded by .dockerignore"
 
 
-# -- entrypoints, run outside Docker ------------------------------------------------------------------------------------
+# -- entrypoints, run outside Docker ----------------------------------------------------------------------------------
 def _localise(text: str, ports: Mapping[str, str]) -> str:
     """Container addresses -> this machine: 0.0.0.0 -> 127.0.0.1, and each ``host:port`` of ``ports``."""
     text = text.replace("0.0.0.0", "127.0.0.1")

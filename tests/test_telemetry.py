@@ -63,9 +63,10 @@ def test_unflagged_traffic_is_counted_with_timings_and_headers(gateway: Server):
     after = samples(gateway.url)
 
     route = {"route": CHAT}
-    ok = route | {"method": "POST", "status": "200", "decision": "none", "policy": "none"}
+    # Served requests were classified (no targets: unflagged); the invalid one never reached the classifier.
+    ok = route | {"method": "POST", "status": "200", "decision": "unflagged", "policy": "none"}
     assert value(after, "unlearn_requests_total", **ok) - value(before, "unlearn_requests_total", **ok) == 2
-    bad = ok | {"status": "400"}
+    bad = ok | {"status": "400", "decision": "none"}
     assert value(after, "unlearn_requests_total", **bad) - value(before, "unlearn_requests_total", **bad) == 1
     for histogram, new in (("unlearn_request_duration_seconds_count", 3), ("unlearn_gateway_overhead_seconds_count", 2),
                            ("unlearn_time_to_first_token_seconds_count", 1)):
@@ -153,10 +154,10 @@ def test_client_disconnects_count_as_stream_aborts(local_gateway: Server):
     before = value(samples(url), "unlearn_stream_aborts_total", **labels)
 
     async def leave_early() -> None:
-        async with httpx.AsyncClient(timeout=60) as client:
-            async with client.stream("POST", url + CHAT, json=BODY | {"stream": True, "max_tokens": 400}) as r:
-                async for _ in r.aiter_bytes():
-                    break  # first chunk, then hang up
+        async with httpx.AsyncClient(timeout=60) as client, client.stream(
+                "POST", url + CHAT, json=BODY | {"stream": True, "max_tokens": 400}) as response:
+            async for _ in response.aiter_bytes():
+                break  # first chunk, then hang up
 
     asyncio.run(leave_early())
     wait_until(lambda: value(samples(url), "unlearn_stream_aborts_total", **labels) == before + 1)
@@ -208,7 +209,7 @@ def test_tracing_exports_one_span_per_request_joining_the_callers_trace(demo_eng
         assert format(span.context.trace_id, "032x") == trace_id
         assert span.attributes["http.response.status_code"] == 200
         assert span.attributes["unlearn.request_id"] == response.headers["x-request-id"]
-        assert span.attributes["unlearn.decision"] == "none"
+        assert span.attributes["unlearn.decision"] == "unflagged"
         assert not any("Akabueze" in str(v) for v in span.attributes.values())  # no prompt text in spans
     finally:
         server.stop()

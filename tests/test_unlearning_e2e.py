@@ -79,6 +79,11 @@ def test_a_forget_target_stops_the_fact_and_leaves_others_alone(gateway_and_admi
     retain_after, decision = ask(server, RETAIN_Q)
     assert decision == "clean"
     assert retain_after == retain_before
+    # Metrics count the decision and the policy (target ids only, never prompt text).
+    exposition = httpx.get(server.url + "/metrics").text
+    assert f'policy="{policy["method"]}"' in exposition and 'decision="flagged"' in exposition
+    assert 'unlearn_flagged_requests_total{target="carmen-montenegro"}' in exposition
+    assert "Carmen Montenegro" not in exposition
 
 
 def test_no_request_field_switches_the_policy_off(gateway_and_admin):

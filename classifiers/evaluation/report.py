@@ -60,9 +60,10 @@ def write_report(json_path: Path, reports: list[dict[str, Any]], histograms: dic
         suite = report["suite"]
         metrics = report["metrics"]
         kinds = {k: v.get("kind", "") for k, v in metrics.items()}
-        lines += [f"## {suite}", "", f"Encoder `{report['config']['encoder']}`, {report['config']['targets']} "
-                  f"targets, search `{report['config']['search']}`, build {report['config']['build_seconds']} s, "
-                  f"{report['config']['ms_per_prompt_batched']} ms/prompt batched.", "",
+        cfg = report["config"]
+        lines += [f"## {suite}", "", (f"Encoder `{cfg['encoder']}`, {cfg['targets']} targets, search "
+                                      f"`{cfg['search']}`, build {cfg['build_seconds']} s, "
+                                      f"{cfg['ms_per_prompt_batched']} ms/prompt batched."), "",
                   "| goal | value | bound | met |", "|---|---|---|---|"]
         for key, g in report.get("goals", {}).items():
             lines.append(f"| {key} | {g['value']:.4f} | {g['goal']} | {'yes' if g['met'] else '**no**'} |")
@@ -79,9 +80,9 @@ def write_report(json_path: Path, reports: list[dict[str, Any]], histograms: dic
                 colors.append("tab:green" if recall is not None else "tab:red")
         if "fpr_excluding_other_targets" in metrics.get("neighbours", {}):
             n = metrics["neighbours"]
-            lines += ["", f"Neighbours: FPR {n['fpr']:.4f} over all {n['n']} probes; "
-                      f"{n['fpr_excluding_other_targets']:.4f} over the {n['n_excluding_other_targets']} that name no "
-                      f"other active target; flagged for their own subject: {n['fpr_own_subject']:.4f}."]
+            lines += ["", (f"Neighbours: FPR {n['fpr']:.4f} over all {n['n']} probes; "
+                           f"{n['fpr_excluding_other_targets']:.4f} over the {n['n_excluding_other_targets']} that "
+                           f"name no other active target; flagged for their own subject: {n['fpr_own_subject']:.4f}.")]
         bars = out_dir / f"{stem}-{suite}-splits.png"
         _bars(bars, f"{suite}: recall (green) / FPR (red) per split", labels, values, colors)
         lines += ["", f"![splits]({bars.name})"]

@@ -164,32 +164,46 @@ def rwku(data_dir: Path, limit_targets: int | None = None) -> Suite:
 
 # -- Harry Potter -----------------------------------------------------------------------------------------------
 
-# Operator-written aliases for the franchise (our own list of its best-known names, with the spellings used in
-# Russian, Chinese and Hindi editions), expanded at target creation as ARCHITECTURE §5 allows.
+# Operator-written aliases for the franchise: our own list of its distinctive names (characters, places, spells,
+# objects, creatures), in English and with the spellings used in Russian, Chinese and Hindi editions, expanded at
+# target creation as ARCHITECTURE §5 allows. Written from general knowledge of the books, not from the evaluation
+# files; names that are ordinary words or belong to older folklore (boggart, basilisk, hippogriff, mandrake)
+# are left out on purpose.
 HP_ALIASES = [
-    "Harry Potter franchise", "Hogwarts", "Hermione Granger", "Hermione", "Ron Weasley", "Albus Dumbledore",
-    "Dumbledore", "Lord Voldemort", "Voldemort", "Severus Snape", "Snape", "Rubeus Hagrid", "Hagrid",
-    "Draco Malfoy", "Malfoy", "Quidditch", "Gryffindor", "Slytherin", "Hufflepuff", "Ravenclaw", "Horcrux",
-    "Horcruxes", "Muggle", "Muggles", "Diagon Alley", "Hogsmeade", "Azkaban", "Dementor", "Dementors",
-    "Sirius Black", "Remus Lupin", "McGonagall", "Neville Longbottom", "Luna Lovegood", "Ginny Weasley",
-    "Weasley", "Weasleys", "Dursley", "Dursleys", "Hedwig", "Death Eater", "Death Eaters", "Deathly Hallows",
-    "Half-Blood Prince", "Philosopher's Stone", "Sorcerer's Stone", "Chamber of Secrets", "Goblet of Fire",
-    "Bellatrix Lestrange", "Dobby", "Gringotts", "Privet Drive", "Nimbus 2000", "Firebolt", "Expelliarmus",
-    "Avada Kedavra", "Patronus", "Pensieve", "Triwizard Tournament", "Marauder's Map", "Golden Snitch",
-    "Cedric Diggory", "Peter Pettigrew", "Wormtail", "Nagini", "Fawkes", "Gilderoy Lockhart", "Umbridge",
-    "Mad-Eye Moody", "Tom Riddle", "Hogwarts Express", "Sorting Hat", "Kreacher", "Grindelwald",
+    # English: characters (a plural or possessive is matched by the typo tolerance)
+    "Hermione Granger", "Hermione", "Ron Weasley", "Weasley", "Dumbledore", "Voldemort", "Tom Riddle", "Snape",
+    "Hagrid", "Malfoy", "Neville Longbottom", "Luna Lovegood", "Sirius Black", "Remus Lupin", "Wormtail", "McGonagall", "Professor Sprout",
+    "Flitwick", "Trelawney", "Quirrell", "Lockhart", "Slughorn", "Umbridge", "Mad-Eye Moody", "Filch",
+    "Moaning Myrtle", "Nearly Headless Nick", "Bellatrix", "Rita Skeeter", "Cedric Diggory", "Cho Chang",
+    "Viktor Krum", "Fleur Delacour", "Dursley", "Dobby", "Kreacher", "Ollivander", "Grindelwald", "Hedwig",
+    "Crookshanks", "Scabbers", "Buckbeak", "Fawkes", "Nagini", "He-Who-Must-Not-Be-Named", "You-Know-Who",
+    "The Boy Who Lived",
+    # English: places, institutions, groups
+    "Hogwarts", "Hogsmeade", "Diagon Alley", "Gringotts", "Azkaban", "The Burrow", "Grimmauld Place",
+    "Godric's Hollow", "Privet Drive", "Shrieking Shack", "Forbidden Forest", "Leaky Cauldron", "Ministry of Magic",
+    "Durmstrang", "Beauxbatons", "Gryffindor", "Slytherin", "Hufflepuff", "Ravenclaw", "Order of the Phoenix",
+    "Death Eater", "Dumbledore's Army", "S.P.E.W.", "Auror", "Platform Nine and Three-Quarters",
+    # English: magic, objects, creatures, events
+    "Quidditch", "Golden Snitch", "Firebolt", "Horcrux", "Deathly Hallows", "Elder Wand", "Invisibility Cloak",
+    "Marauder's Map", "Mirror of Erised", "Sorting Hat", "Pensieve", "Philosopher's Stone", "Sorcerer's Stone",
+    "Chamber of Secrets", "Goblet of Fire", "Half-Blood Prince", "Daily Prophet", "The Quibbler", "Witch Weekly",
+    "Butterbeer", "Floo Powder", "Knight Bus", "Expelliarmus", "Wingardium Leviosa", "Alohomora", "Lumos",
+    "Obliviate", "Accio", "Expecto Patronum", "Patronus", "Stupefy", "Avada Kedavra", "Sectumsempra", "Polyjuice",
+    "Felix Felicis", "Dementor", "Thestral", "Triwizard Tournament", "Muggle", "Mudblood", "Parseltongue",
+    "Animagus",
     # Russian
-    "Гарри Поттер", "Гарри", "Хогвартс", "Гермиона", "Дамблдор", "Волан-де-Морт", "Снегг", "Снейп", "Хагрид",
-    "Рон Уизли", "Уизли", "Драко Малфой", "Малфой", "Квиддич", "Гриффиндор", "Слизерин", "Пуффендуй",
-    "Когтевран", "маггл", "магглы", "Дурсль", "Дурсли", "Букля", "Сириус Блэк", "Люпин", "Макгонагалл",
-    "Невилл", "Полумна", "Добби", "Азкабан", "дементор", "дементоры", "Хогсмид", "крестраж", "Волдеморт",
+    "Гарри Поттер", "Гарри", "Хогвартс", "Гермиона", "Уизли", "Дамблдор", "Волан-де-Морт", "Снегг", "Снейп",
+    "Хагрид", "Малфой", "Невилл", "Полумна", "Сириус Блэк", "Люпин", "Макгонагалл", "Локонс", "Амбридж", "Плакса Миртл",
+    "Дурсль", "Добби", "Тот-Кого-Нельзя-Называть", "Хогсмид", "Косой переулок", "Азкабан", "Министерство магии",
+    "Гриффиндор", "Слизерин", "Орден Феникса", "Пожиратели смерти", "квиддич", "крестраж", "Дары Смерти",
+    "мантия-невидимка", "Философский камень", "Принц-полукровка", "Экспеллиармус", "Авада Кедавра", "дементор",
+    "маггл",
     # Chinese
-    "哈利·波特", "哈利波特", "哈利", "霍格沃茨", "赫敏", "罗恩", "邓布利多", "伏地魔", "斯内普", "海格", "马尔福",
-    "魁地奇", "格兰芬多", "斯莱特林", "赫奇帕奇", "拉文克劳", "麻瓜", "魂器", "德思礼", "海德薇", "小天狼星",
-    "卢平", "麦格", "纳威", "卢娜", "多比", "阿兹卡班", "摄魂怪", "霍格莫德", "韦斯莱", "食死徒",
+    "哈利波特", "哈利", "霍格沃茨", "赫敏", "罗恩", "邓布利多", "伏地魔", "斯内普", "海格", "马尔福", "纳威", "小天狼星", "卢平", "麦格", "洛哈特", "乌姆里奇",
+    "哭泣的桃金娘", "德思礼", "多比", "海德薇", "神秘人", "对角巷", "阿兹卡班", "魔法部", "格兰芬多", "斯莱特林", "凤凰社", "食死徒", "魁地奇", "魂器", "死亡圣器",
+    "活点地图", "混血王子", "摄魂怪", "麻瓜",
     # Hindi
-    "हैरी पॉटर", "हैरी", "हॉगवर्ट्स", "हरमाइनी", "हर्माइनी", "रॉन", "डम्बलडोर", "डंबलडोर", "वोल्डेमॉर्ट",
-    "वॉल्डेमॉर्ट", "स्नेप", "हैग्रिड", "मैल्फॉय", "क्विडिच", "ग्रिफिंडोर", "स्लिदरिन", "हफलपफ", "रेवनक्लॉ",
+    "हैरी पॉटर", "हैरी", "हॉगवर्ट्स", "हरमाइनी", "रॉन", "डम्बलडोर", "वोल्डेमॉर्ट", "स्नेप", "हैग्रिड", "क्विडिच",
 ]
 
 HP_DESCRIPTION = ("The Harry Potter books, films and wider wizarding world: the boy wizard Harry Potter, his "

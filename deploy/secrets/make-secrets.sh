@@ -3,7 +3,9 @@
 # only; with a folder argument, there instead (deploy/k8s/secrets for the Kubernetes kustomization).
 # The files stay out of git (.gitignore). Keys rotate by editing the key files in place: see deploy/README.md.
 set -eu
-cd "${1:-$(dirname "$0")}"
+dir="${1:-$(dirname "$0")}"
+mkdir -p "$dir"
+cd "$dir"
 umask 077
 token() { head -c 32 /dev/urandom | base64 | tr -d '/+=\n' | cut -c1-40; }
 make() {

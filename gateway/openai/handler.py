@@ -20,6 +20,7 @@ from gateway.engines.base import Engine, GenerationDelta, GenerationRequest, Mes
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.openai._streams import DONE, EventStreamResponse, merge, primed, sse, unless_disconnected
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.telemetry.context import current_request
 from gateway.unlearning import CLEAN, STRICTNESS, Unlearner, Verdict
 from policies.processors import LogitsProcessor
 
@@ -113,9 +114,14 @@ class OpenAIHandler:
         if self.unlearner is None:
             return CLEAN
         active = getattr(request.state, "targets", None)
+        started = time.perf_counter()
         verdicts = [await self.unlearner.verdict(active, messages) for messages in conversations]
         flagged = [v for v in verdicts if v.flagged]
-        return max(flagged, key=lambda v: STRICTNESS[v.method or "uld"]) if flagged else CLEAN
+        verdict = max(flagged, key=lambda v: STRICTNESS[v.method or "uld"]) if flagged else CLEAN
+        if (telemetry := current_request()) is not None:
+            telemetry.record_decision(verdict.flagged, [t.id for t in verdict.targets], verdict.method,
+                                      time.perf_counter() - started)
+        return verdict
 
     def _decision_headers(self, verdict: Verdict) -> dict[str, str]:
         return {"x-unlearn-decision": verdict.header} if self.unlearner is not None else {}

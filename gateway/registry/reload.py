@@ -309,7 +309,7 @@ class TargetReloader:
         for listener in self.swap_listeners:
             try:
                 listener(version, lag)
-            except Exception:  # noqa: BLE001 - a metrics bug must not stop reloads
+            except Exception:  # a metrics bug must not stop reloads
                 log.exception("reload listener failed")
 
     def _mark_down(self, why: str) -> None:

@@ -34,7 +34,7 @@ def _kind(exc: BaseException, started: bool) -> str | None:
         return "unavailable"
     if isinstance(exc, UpstreamError):
         return "stream" if started else "status"
-    if isinstance(exc, GatewayError) or isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+    if isinstance(exc, (GatewayError, asyncio.CancelledError, GeneratorExit)):
         return None  # 4xx relayed from the worker (bad request, unknown model): not an engine failure
     return "other"
 

@@ -75,7 +75,8 @@ def uvicorn_log_config(log_format: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": {"()": formatter}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default",
+                                "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {
             "uvicorn": {"handlers": [], "level": level, "propagate": True},

@@ -6,7 +6,8 @@ target load) are counted and carry a request id too.
 
 Per request it
 - takes the caller's ``x-request-id`` when it is a sane token (``[A-Za-z0-9._:-]``, at most 128 characters) or
-  makes one (32 hex digits), binds a ``RequestTelemetry`` (``gateway.telemetry.context``) and returns the id as ``x-request-id``;
+  makes one (32 hex digits), binds a ``RequestTelemetry`` (``gateway.telemetry.context``) and returns the id as
+  ``x-request-id``;
 - adds ``x-unlearn-overhead-ms`` to the response head when the request reached an engine: the gateway's own time
   so far (for a stream: everything before the first byte; for JSON: the whole request minus engine time);
 - at the end counts ``unlearn_requests_total`` and the histograms, the client's disconnects and flagged targets;
