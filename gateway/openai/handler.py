@@ -155,15 +155,15 @@ class OpenAIHandler:
                    extras: Extras = Extras()) -> Response:
         model = self._model(body.model)
         verdict = CLEAN
+        messages_from_body = messages is None  # the gateway's own path; the reference worker passes messages
         if messages is None:
             messages = [Message(m.role, m.text()) for m in body.messages]
             verdict = await self._verdict(request, [messages])
-            headers = self._decision_headers(verdict)
-            if not verdict.flagged:
-                relayed = await self._relay("/v1/chat/completions", body, model, request, headers)
-                if relayed is not None:
-                    return relayed
         headers = self._decision_headers(verdict)
+        if messages_from_body and not verdict.flagged:
+            relayed = await self._relay("/v1/chat/completions", body, model, request, headers)
+            if relayed is not None:
+                return relayed
         top = (body.top_logprobs or 0) if body.logprobs else None
         sampling = self._sampling(body, body.token_limit(), top)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -180,9 +180,10 @@ class OpenAIHandler:
         verdict = CLEAN
         if prompts is None:
             verdict = await self._verdict(request, [[Message("user", p)] for p in body.prompts()])
+        headers = self._decision_headers(verdict)
+        if prompts is None:
             if not verdict.flagged:
-                relayed = await self._relay("/v1/completions", body, model, request,
-                                            self._decision_headers(verdict))
+                relayed = await self._relay("/v1/completions", body, model, request, headers)
                 if relayed is not None:
                     return relayed
             prompts = [{"prompt": p} for p in body.prompts()]
@@ -196,8 +197,7 @@ class OpenAIHandler:
                                                logits_processors=list(extras.processors), **prompt)
                 choices.append(_Choice(index, p, generation))
         job = _Job("text", request_id, model, choices, body.logprobs is not None, extras.tokens_as_ids)
-        return await self._serve(job, body, request, self._decision_headers(verdict),
-                                 canned=self._guarded(verdict, choices))
+        return await self._serve(job, body, request, headers, canned=self._guarded(verdict, choices))
 
     @staticmethod
     def _sampling(body, max_tokens: int | None, top_logprobs: int | None) -> SamplingParams:
