@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.engines.base import GenerationRequest, Message
+from gateway.engines.policy import message_text
 from gateway.errors import Unavailable
 from gateway.registry.reload import ActiveTargets
 from gateway.registry.targets import Target
@@ -50,8 +51,7 @@ CLEAN = Verdict()
 
 
 def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-             "".join(p for p in m.content if isinstance(p, str))} for m in messages]
+    return [{"role": m.role, "content": message_text(m)} for m in messages]
 
 
 class Unlearner:
