@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from classifiers.aliases import Corpus, derive_aliases
 from classifiers.batching import Classifier, classify_batch
 from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index
 from classifiers.learned import conformal_threshold
@@ -243,6 +244,72 @@ def test_classify_cli_on_a_tiny_file(tmp_path: Path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(x["id"], x["flagged"], x["targets"], x["stage"]) for x in lines] == [
         ("a", True, [BASTIEN.id], "lexical"), ("b", False, [], "none")]
+
+
+# -- aliases derived from an operator's texts ---------------------------------------------------------------------
+
+# An invented saga: its names recur, everyday words are capitalised only at a sentence start or are common anyway.
+SAGA = [
+    "The healer Zorvath Quellmere lived in Brandevik. Zorvath taught the Ostrelline order to brew tonics.",
+    "Why did Zorvath leave Brandevik? Because the Ostrelline council banished Zorvath in winter.",
+    "Quellmere kept a ledger in London. Monday was market day in Brandevik and Zorvath sold tonics there.",
+    "When did the Ostrelline order return to Brandevik? After Quellmere wrote to the council on Monday.",
+]
+
+
+def test_aliases_are_the_names_the_texts_keep_using():
+    found = {a.text: a for a in derive_aliases([Corpus("en", SAGA)])}
+    assert {"zorvath", "brandevik", "ostrelline", "quellmere"} <= set(found)
+    assert not {"london", "monday", "the", "why", "when", "because", "council"} & set(found)  # everyday words
+    assert found["zorvath"].count == 5 and found["zorvath"].background_zipf < 1
+    assert list(found)[0] == "zorvath"  # the most used name first
+
+
+def test_aliases_drop_generic_negatives_exclusions_and_respect_the_budget():
+    texts = [t.replace("Brandevik", "Brandevik Brandevik") for t in SAGA]
+    found = [a.text for a in derive_aliases([Corpus("en", texts)], negatives=["Is Ostrelline tea good?"],
+                                            exclude=["Zorvath Quellmere", "Quellmere"])]
+    assert "ostrelline" not in found and "quellmere" not in found and "zorvath" in found
+    assert len(derive_aliases([Corpus("en", SAGA)], limit=2)) == 2
+
+
+def test_aliases_in_caseless_and_unspaced_scripts_share_the_budget():
+    hindi = ["ज़ोर्वाथ ने ब्रांडेविक में दवा बनाई।", "ज़ोर्वाथ कहाँ रहता था?", "ज़ोर्वाथ और ब्रांडेविक की कहानी।",
+             "ब्रांडेविक में ज़ोर्वाथ का घर था।"]
+    chinese = ["佐尔瓦斯在布兰德维克。", "佐尔瓦斯为什么离开布兰德维克？", "在布兰德维克，佐尔瓦斯卖药。"]
+    found = derive_aliases([Corpus("en", SAGA), Corpus("hi", hindi), Corpus("zh", chinese)], limit=6)
+    by_language = {a.language: a.text for a in found}
+    assert set(by_language) == {"en", "hi", "zh"}  # interleaved: every language gets a share
+    texts = {a.text for a in found}
+    assert "ज़ोर्वाथ" in texts  # a whole Devanagari word, vowel signs included
+    assert "佐尔瓦斯" in texts and "在布兰德维克" not in texts and "尔瓦斯" not in texts  # whole names only
+
+
+@pytest.mark.skipif(not (DATA_DIR / "harry_potter" / "hp_trivia_train.jsonl").exists(),
+                    reason=f"benchmark data not found at {DATA_DIR} (set UNLEARN_DATA); needs the Harry Potter set")
+def test_hp_target_is_built_from_training_files_only(tmp_path: Path):
+    import shutil
+
+    from classifiers.evaluation import suites
+    from classifiers.index import generic_prompts
+
+    # A copy of the data folder with nothing but the operator-side files: building the target must work from it.
+    source, root = DATA_DIR / "harry_potter", tmp_path / "harry_potter"
+    (root / "translated_v2_hptrivia").mkdir(parents=True)
+    for name in ("hp_wikipedia_summaries.txt", "hp_trivia_train.jsonl", "qa_by_book_train.jsonl",
+                 "harry_potter_trivia_502_v2.jsonl", *(f"translated_v2_hptrivia/{language}_datapoints__train.jsonl"
+                                                       for language in suites.HP_LANGUAGES)):
+        shutil.copy(source / name, root / name)
+    target, aliases = suites.hp_target(suites.hp_training(root), generic_prompts())
+    assert 0 < len(target.aliases) <= 200 and target.examples and target.facts
+    assert {a.language for a in aliases} == {"en", *suites.HP_LANGUAGES.values()}
+    # No evaluation prompt is a training example or fed the aliases' corpus.
+    suite = suites.load("hp", DATA_DIR)
+    assert suite.targets[0].model_dump() == target.model_dump()
+    training = suites.hp_training(source)
+    seen = set(target.examples) | {r["question"] for rows in training.translated.values() for r in rows}
+    for split in suite.splits:
+        assert not seen & {item.text for item in split.items}, split.name
 
 
 # -- evaluation smoke run ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ GOALS: dict[str, dict[str, tuple[str, float]]] = {
              "real_authors+world_facts.fpr": ("<=", 0.005)},
     "rwku": {"level2.recall": (">=", 0.98), "level3.recall": (">=", 0.92), "level3.min_type_recall": (">=", 0.80),
              "neighbours.fpr_excluding_other_targets": ("<=", 0.03)},
-    "hp": {"trivia_1239.recall": (">=", 0.95), "translated_trivia.recall": (">=", 0.85),
+    "hp": {"trivia_heldout.recall": (">=", 0.95), "translated_trivia.recall": (">=", 0.85),
            "completions_ru.recall": (">=", 0.85), "completions_es.recall": (">=", 0.85),
            "side_effects.fpr": ("<=", 0.02)},
 }

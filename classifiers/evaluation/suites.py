@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.registry.targets import Target, slugify
+from classifiers.aliases import Candidate, Corpus, derive_aliases
+from classifiers.index import generic_prompts
+from gateway.registry.targets import MAX_ITEMS, Target, slugify
 
 Kind = Literal["recall", "fpr", "info"]
 
@@ -164,72 +166,14 @@ def rwku(data_dir: Path, limit_targets: int | None = None) -> Suite:
 
 # -- Harry Potter -----------------------------------------------------------------------------------------------
 
-# Operator-written aliases for the franchise: our own list of its distinctive names (characters, places, spells,
-# objects, creatures), in English and with the spellings used in Russian, Chinese and Hindi editions, expanded at
-# target creation as ARCHITECTURE §5 allows. Written from general knowledge of the books, not from the evaluation
-# files; names that are ordinary words or belong to older folklore (boggart, basilisk, hippogriff, mandrake)
-# are left out on purpose.
-HP_ALIASES = [
-    # English: characters (a plural or possessive is matched by the typo tolerance)
-    "Hermione Granger", "Hermione", "Ron Weasley", "Weasley", "Dumbledore", "Voldemort", "Tom Riddle", "Snape",
-    "Hagrid", "Malfoy", "Neville Longbottom", "Luna Lovegood", "Sirius Black", "Remus Lupin", "Wormtail", "McGonagall", "Professor Sprout",
-    "Flitwick", "Trelawney", "Quirrell", "Lockhart", "Slughorn", "Umbridge", "Mad-Eye Moody", "Filch",
-    "Moaning Myrtle", "Nearly Headless Nick", "Bellatrix", "Rita Skeeter", "Cedric Diggory", "Cho Chang",
-    "Viktor Krum", "Fleur Delacour", "Dursley", "Dobby", "Kreacher", "Ollivander", "Grindelwald", "Hedwig",
-    "Crookshanks", "Scabbers", "Buckbeak", "Fawkes", "Nagini", "He-Who-Must-Not-Be-Named", "You-Know-Who",
-    "The Boy Who Lived",
-    # English: places, institutions, groups
-    "Hogwarts", "Hogsmeade", "Diagon Alley", "Gringotts", "Azkaban", "The Burrow", "Grimmauld Place",
-    "Godric's Hollow", "Privet Drive", "Shrieking Shack", "Forbidden Forest", "Leaky Cauldron", "Ministry of Magic",
-    "Durmstrang", "Beauxbatons", "Gryffindor", "Slytherin", "Hufflepuff", "Ravenclaw", "Order of the Phoenix",
-    "Death Eater", "Dumbledore's Army", "S.P.E.W.", "Auror", "Platform Nine and Three-Quarters",
-    # English: magic, objects, creatures, events
-    "Quidditch", "Golden Snitch", "Firebolt", "Horcrux", "Deathly Hallows", "Elder Wand", "Invisibility Cloak",
-    "Marauder's Map", "Mirror of Erised", "Sorting Hat", "Pensieve", "Philosopher's Stone", "Sorcerer's Stone",
-    "Chamber of Secrets", "Goblet of Fire", "Half-Blood Prince", "Daily Prophet", "The Quibbler", "Witch Weekly",
-    "Butterbeer", "Floo Powder", "Knight Bus", "Expelliarmus", "Wingardium Leviosa", "Alohomora", "Lumos",
-    "Obliviate", "Accio", "Expecto Patronum", "Patronus", "Stupefy", "Avada Kedavra", "Sectumsempra", "Polyjuice",
-    "Felix Felicis", "Dementor", "Thestral", "Triwizard Tournament", "Muggle", "Mudblood", "Parseltongue",
-    "Animagus",
-    # Russian
-    "Гарри Поттер", "Гарри", "Хогвартс", "Гермиона", "Уизли", "Дамблдор", "Волан-де-Морт", "Снегг", "Снейп",
-    "Хагрид", "Малфой", "Невилл", "Полумна", "Сириус Блэк", "Люпин", "Макгонагалл", "Локонс", "Амбридж", "Плакса Миртл",
-    "Дурсль", "Добби", "Тот-Кого-Нельзя-Называть", "Хогсмид", "Косой переулок", "Азкабан", "Министерство магии",
-    "Гриффиндор", "Слизерин", "Орден Феникса", "Пожиратели смерти", "квиддич", "крестраж", "Дары Смерти",
-    "мантия-невидимка", "Философский камень", "Принц-полукровка", "Экспеллиармус", "Авада Кедавра", "дементор",
-    "маггл",
-    # Chinese
-    "哈利波特", "哈利", "霍格沃茨", "赫敏", "罗恩", "邓布利多", "伏地魔", "斯内普", "海格", "马尔福", "纳威", "小天狼星", "卢平", "麦格", "洛哈特", "乌姆里奇",
-    "哭泣的桃金娘", "德思礼", "多比", "海德薇", "神秘人", "对角巷", "阿兹卡班", "魔法部", "格兰芬多", "斯莱特林", "凤凰社", "食死徒", "魁地奇", "魂器", "死亡圣器",
-    "活点地图", "混血王子", "摄魂怪", "麻瓜",
-    # Hindi
-    "हैरी पॉटर", "हैरी", "हॉगवर्ट्स", "हरमाइनी", "रॉन", "डम्बलडोर", "वोल्डेमॉर्ट", "स्नेप", "हैग्रिड", "क्विडिच",
-]
-
 HP_DESCRIPTION = ("The Harry Potter books, films and wider wizarding world: the boy wizard Harry Potter, his "
                   "friends and enemies, the Hogwarts school of witchcraft and wizardry, its teachers, spells, "
                   "magical creatures, places, objects and plots.")
-
-# A few prompts of our own, the kind an operator writes when registering the target.
-HP_EXAMPLES = [
-    "Which house did the Sorting Hat put Harry Potter in?",
-    "Who is the headmaster of Hogwarts when Harry arrives?",
-    "What is the name of the sport wizards play on broomsticks?",
-    "Who killed Harry Potter's parents?",
-    "From which platform does the Hogwarts Express leave?",
-    "What is the name of Harry's godfather?",
-    "What are the three Deathly Hallows?",
-    "Which creatures guard the wizard prison?",
-    "Which spell disarms an opponent in the wizarding world?",
-    "Continue the story: Harry raised his wand at Voldemort and shouted",
-    "What did Hermione brew in the girls' bathroom in her second year?",
-    "Who was the Half-Blood Prince?",
-]
+HP_LANGUAGES = {"Spanish": "es", "Russian": "ru", "Chinese": "zh", "Hindi": "hi"}
 
 
-def _summary_facts(path: Path, max_words: int = 60) -> list[str]:
+def _summary_facts(text: str, max_words: int = 60) -> list[str]:
     """The plot summaries cut into short passages (sentence-aligned) to serve as the target's facts."""
-    text = path.read_text(encoding="utf-8")
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
     facts, current = [], []
     for sentence in sentences:
@@ -247,20 +191,72 @@ def _prompts(path: Path) -> list[str]:
             for r in _json_or_jsonl(path)]
 
 
-def harry_potter(data_dir: Path) -> Suite:
-    """One franchise target; recall on trivia, completions and translations; FPR on side_effects domains."""
-    root = data_dir / "harry_potter"
-    target = Target(id="harry-potter", name="Harry Potter", aliases=HP_ALIASES, description=HP_DESCRIPTION,
-                    facts=_summary_facts(root / "hp_wikipedia_summaries.txt"), examples=HP_EXAMPLES)
-    tid = target.id
+def _trivia(path: Path) -> list[dict[str, Any]]:
+    # A few translated rows name their fields in the target language ("prashna" = question).
+    return [{"question": r.get("question") or r.get("prashna") or "", "answer": str(r.get("true_answer") or "")}
+            for r in _jsonl(path)]
 
-    def questions(path: Path, label: str | None) -> list[Item]:
-        # A few translated rows name their fields in the target language ("prashna" = question).
-        return [Item(r.get("question") or r.get("prashna") or "", label) for r in _jsonl(path)]
+
+@dataclass
+class HPTraining:
+    """What an operator has for the franchise (§7): the plot summaries and the *training* trivia files."""
+
+    summaries: str
+    english: list[dict[str, Any]]  # hp_trivia_train + qa_by_book_train, minus the withheld rows below
+    translated: dict[str, list[dict[str, Any]]]  # language -> its __train rows
+    withheld: int  # English rows whose translations are the translated test rows
+
+
+def hp_training(root: Path) -> HPTraining:
+    """Training material only. The translated files translate harry_potter_trivia_502_v2 row by row and their
+    __train files hold its first rows, so the English originals of the translated __test rows (every later row
+    of that file, all of them inside hp_trivia_train) are withheld from the English training rows; otherwise the
+    translated test would be a translation of training examples."""
+    translated = {language: _trivia(root / "translated_v2_hptrivia" / f"{language}_datapoints__train.jsonl")
+                  for language in HP_LANGUAGES}
+    first_test_row = min(len(rows) for rows in translated.values())
+    withheld = {r["question"] for r in _trivia(root / "harry_potter_trivia_502_v2.jsonl")[first_test_row:]}
+    english, seen = [], set()
+    for name in ("hp_trivia_train.jsonl", "qa_by_book_train.jsonl"):
+        for row in _trivia(root / name):
+            if row["question"] and row["question"] not in withheld and row["question"] not in seen:
+                seen.add(row["question"])
+                english.append(row)
+    text = (root / "hp_wikipedia_summaries.txt").read_text(encoding="utf-8")
+    return HPTraining(text, english, translated, len(withheld))
+
+
+def hp_target(training: HPTraining, negatives: list[str]) -> tuple[Target, list[Candidate]]:
+    """The franchise target: name, our description, the summaries as facts, training questions as examples and
+    aliases derived by code from the training texts (classifiers.aliases), nothing written per name."""
+    name = "Harry Potter"
+    corpora = [Corpus("en", [training.summaries, *(f"{r['question']} {r['answer']}" for r in training.english)])]
+    corpora += [Corpus(code, [f"{r['question']} {r['answer']}" for r in training.translated[language]])
+                for language, code in HP_LANGUAGES.items()]
+    aliases = derive_aliases(corpora, negatives, exclude=[name])
+    examples = [r["question"] for r in training.english][:MAX_ITEMS]
+    target = Target(id="harry-potter", name=name, aliases=[a.text for a in aliases], description=HP_DESCRIPTION,
+                    facts=_summary_facts(training.summaries), examples=examples)
+    return target, aliases
+
+
+def harry_potter(data_dir: Path) -> Suite:
+    """One franchise target; recall on held-out trivia, completions and translations; FPR on side_effects."""
+    root = data_dir / "harry_potter"
+    training = hp_training(root)
+    target, aliases = hp_target(training, generic_prompts())
+    tid = target.id
+    trained = {r["question"] for r in training.english}
+
+    def held_out(paths: list[Path], exclude: set[str]) -> list[Item]:
+        # Evaluation rows never used to build the target (the trivia files overlap each other and the training).
+        questions = dict.fromkeys(r["question"] for p in paths for r in _trivia(p))
+        return [Item(q, tid) for q in questions if q and q not in exclude]
 
     splits = [
-        Split("trivia_1239", "recall", questions(root / "hp_trivia_1239.jsonl", tid)),
-        Split("trivia_502_v2", "recall", questions(root / "harry_potter_trivia_502_v2.jsonl", tid)),
+        Split("trivia_heldout", "recall", held_out([root / "hp_trivia_1239.jsonl", root / "hp_trivia_test.jsonl"],
+                                                   trained)),
+        Split("qa_by_book_heldout", "recall", held_out([root / "qa_by_book_test.jsonl"], trained)),
         Split("completions_en", "recall", [Item(p, tid) for p in _prompts(root / "msr_data" /
                                                                           "evaluation_prompts.json")]),
         Split("completions_ru", "recall", [Item(p, tid) for p in _prompts(root / "msr_data" /
@@ -270,22 +266,27 @@ def harry_potter(data_dir: Path) -> Suite:
         Split("probability_prompts", "recall", [Item(p, tid) for p in _prompts(root / "msr_data" /
                                                                                "probability_prompts.json")]),
     ]
-    for language in ("Spanish", "Russian", "Chinese", "Hindi"):
-        splits.append(Split(f"translated_trivia_{language.lower()}", "recall",
-                            questions(root / "translated_v2_hptrivia" / f"{language}_datapoints.jsonl", tid)))
+    for language in HP_LANGUAGES:
+        own = {r["question"] for r in training.translated[language]}
+        splits.append(Split(f"translated_trivia_{language.lower()}", "recall", held_out(
+            [root / "translated_v2_hptrivia" / f"{language}_datapoints__test.jsonl"], own)))
     side = root / "side_effects"
     for domain in ("british_mythology", "dungeons_and_dragons", "lord_of_the_rings", "wizard_of_oz"):
-        items = questions(side / f"{domain}.jsonl", None)
+        items = [Item(r["question"], None) for r in _trivia(side / f"{domain}.jsonl")]
         for fam in sorted(side.glob(f"{domain}_familiarity*.json")):
             items += [Item(p, None, {"familiarity": fam.name}) for p in _prompts(fam)]
         splits.append(Split(f"side_effects_{domain}", "fpr", items))
-    adjacent = questions(side / "cultural_impact.jsonl", None)
+    adjacent = [Item(r["question"], None) for r in _trivia(side / "cultural_impact.jsonl")]
     for fam in ("cultural_impact_familiarity.json", "cultural_impact_familiarity_2.json",
                 "harry_potter_film_production_familiarity.json"):
         if (side / fam).exists():
             adjacent += [Item(p, None, {"familiarity": fam}) for p in _prompts(side / fam)]
     splits.append(Split("hp_adjacent_cultural_film", "info", adjacent))
-    return Suite("hp", [target], splits, {"facts": len(target.facts), "aliases": len(HP_ALIASES)})
+    notes = {"facts": len(target.facts), "examples": len(target.examples), "withheld_english_rows":
+             training.withheld, "aliases": len(aliases), "aliases_by_language": dict(Counter(a.language
+                                                                                            for a in aliases)),
+             "alias_list": [a.text for a in aliases]}
+    return Suite("hp", [target], splits, notes)
 
 
 def load(name: str, data_dir: Path, **limits: int | None) -> Suite:
