@@ -112,3 +112,33 @@ def bench_classifier(
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     typer.echo(json.dumps(report["metrics"], indent=2))
+
+
+def eval_evasion(
+    suite: Annotated[str, typer.Option(help="only tofu for now")] = "tofu",
+    json_out: Annotated[Path, typer.Option("--json", help="report file (a Markdown report and a PNG go beside it)")]
+    = Path("eval-evasion.json"),
+    data: Annotated[Path, typer.Option(help="benchmark data folder")] = DEFAULT_DATA,
+    limit: Annotated[int | None, typer.Option(help="use only the first N targets (smoke runs)")] = None,
+    max_per_target: Annotated[int | None, typer.Option(help="held-back forget questions per target (all 15)")] = None,
+    negatives: Annotated[int, typer.Option(help="retain questions wrapped the same way (false-positive rate)")] = 300,
+    fpr: Annotated[float, typer.Option(help="conformal false-positive bound of the learned stage")] = 0.01,
+) -> None:
+    """Recall per evasion wrapper (role play, filler, injection, appended words, split turns, other languages)."""
+    from importlib.metadata import version
+
+    from classifiers.evaluation.evasion import run_evasion, write_markdown
+    from classifiers.index import ClassifierConfig
+
+    if suite != "tofu":
+        raise typer.BadParameter("only 'tofu' is implemented", param_hint="--suite")
+    if not (data / "tofu" / "forget10.json").is_file():
+        raise typer.BadParameter(f"no TOFU data under {data}", param_hint="--data")
+    report = run_evasion(data, limit=limit, max_per_target=max_per_target, n_negatives=negatives,
+                         config=ClassifierConfig(fpr=fpr), progress=lambda line: typer.echo(line, err=True))
+    report["version"] = version("unlearn-gateway")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md = write_markdown(report, json_out)
+    typer.echo(json.dumps(report["metrics"]["summary"], indent=2, ensure_ascii=False))
+    typer.echo(f"wrote {json_out} and {md}")

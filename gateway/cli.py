@@ -144,6 +144,47 @@ def bench_http_client(
     typer.echo(json.dumps(report["metrics"], indent=2))
 
 
+@bench_app.command("load")
+def bench_load(
+    json_out: Annotated[Path, typer.Option("--json", help="report file (a .md summary and PNG plots go beside it)")] = (
+        Path("bench-load.json")),
+    duration: Annotated[float, typer.Option(help="seconds the chosen rate is held, per upstream")] = 600.0,
+    rate: Annotated[Optional[float], typer.Option(help="hold this many requests/s (per upstream)")] = None,
+    find_max: Annotated[bool, typer.Option("--find-max", help="first find the highest rate with zero errors and "
+                                                             "p99 within the bound (the default without --rate)")]
+    = False,
+    upstream: Annotated[str, typer.Option(help="synthetic, worker or both (one after the other)")] = "both",
+    gateway_workers: Annotated[int, typer.Option(help="gateway worker processes")] = 2,
+    step_duration: Annotated[float, typer.Option(help="seconds per find-max step")] = 20.0,
+    p99_bound_ms: Annotated[Optional[float], typer.Option(help="find-max p99 bound [default: 2x the first step's]")]
+    = None,
+    max_rate: Annotated[Optional[float], typer.Option(help="find-max ceiling (requests/s)")] = None,
+    targets: Annotated[int, typer.Option(help="TOFU forget authors registered as targets")] = 3,
+    data: Annotated[Path, typer.Option(help="benchmark data folder (holds tofu/); without it, the demo's "
+                                            "authors")] = DEFAULT_DATA,
+    sample_interval: Annotated[float, typer.Option(help="seconds between memory samples")] = 5.0,
+    store: Annotated[str, typer.Option(help="auto (Redis when installed), redis or embedded")] = "auto",
+) -> None:
+    """Sustained mixed traffic (flagged/clean, streaming/JSON) through a gateway subprocess: requests/s, p50/p99,
+    errors by kind, added latency vs direct, and the gateway's memory growth over the hold."""
+    from gateway.bench.load import UPSTREAMS, run_load_bench, write_report
+
+    if rate is not None and find_max:
+        raise typer.BadParameter("give --rate or --find-max, not both", param_hint="--rate")
+    if upstream not in (*UPSTREAMS, "both"):
+        raise typer.BadParameter(f"choose from {', '.join(UPSTREAMS)} or both", param_hint="--upstream")
+    if store not in ("auto", "redis", "embedded"):
+        raise typer.BadParameter("choose auto, redis or embedded", param_hint="--store")
+    report = run_load_bench(duration_s=duration, rate=rate, upstreams=UPSTREAMS if upstream == "both" else (upstream,),
+                            gateway_workers=gateway_workers, step_s=step_duration, p99_bound_ms=p99_bound_ms,
+                            sample_interval_s=sample_interval, n_targets=targets,
+                            data_dir=data if data.is_dir() else None, store=store,  # type: ignore[arg-type]
+                            max_rate=max_rate)
+    md = write_report(report, json_out)
+    typer.echo(json.dumps({k: v for k, v in report["metrics"].items() if not isinstance(v, dict)}, indent=2))
+    typer.echo(f"wrote {json_out} and {md}")
+
+
 @bench_app.command("reload")
 def bench_reload(
     json_out: Annotated[Path, typer.Option("--json", help="report file")] = Path("bench-reload.json"),
@@ -165,6 +206,7 @@ from classifiers import cli as _classifier_cli  # noqa: E402 - registered after 
 
 app.command("classify")(_classifier_cli.classify)
 eval_app.command("classifier")(_classifier_cli.eval_classifier)
+eval_app.command("evasion")(_classifier_cli.eval_evasion)
 bench_app.command("classifier")(_classifier_cli.bench_classifier)
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +29,7 @@ import aiohttp
 T = TypeVar("T")
 
 _JSON_HEADERS = {"content-type": "application/json"}
+DECISION_HEADER = "x-unlearn-decision"
 _ERROR_EXAMPLES = 3
 THROUGHPUT_DEFINITION = ("requests_per_s: successful requests per second of measurement window, each counted by "
                          "the share of its duration inside the window (closed loop: about concurrency / mean "
@@ -148,13 +149,14 @@ class Target:
 
 @dataclass(frozen=True)
 class Sample:
-    """One streamed request: when it started (``perf_counter``), total latency, time to its first content
-    token, and why it failed (if it did)."""
+    """One request: when it started (``perf_counter``), total latency, time to its first content token
+    (streams only), why it failed (if it did) and the gateway's ``x-unlearn-decision`` header (if any)."""
 
     started_s: float
     latency_s: float
     ttft_s: float | None
     error: str | None = None
+    decision: str | None = None
 
 
 class _StreamWatch:
@@ -203,25 +205,70 @@ async def stream_once(session: aiohttp.ClientSession, url: str, body: bytes) -> 
     """Send one streaming request and time it; any failure becomes a ``Sample`` with an error, never an exception."""
     start = time.perf_counter()
     ttft: float | None = None
+    decision: str | None = None
     watch = _StreamWatch()
     try:
         async with session.post(url, data=body, headers=_JSON_HEADERS) as response:
+            decision = response.headers.get(DECISION_HEADER)
             if response.status != 200:
                 detail = (await response.read())[:200].decode(errors="replace")
-                return Sample(start, time.perf_counter() - start, None, f"HTTP {response.status}: {detail}")
+                return Sample(start, time.perf_counter() - start, None, f"HTTP {response.status}: {detail}",
+                              decision)
             async for chunk in response.content.iter_any():
                 if watch.feed(chunk) and ttft is None:
                     ttft = time.perf_counter() - start
     except (TimeoutError, aiohttp.ClientError) as exc:
-        return Sample(start, time.perf_counter() - start, None, f"{type(exc).__name__}: {exc}")
+        return Sample(start, time.perf_counter() - start, None, f"{type(exc).__name__}: {exc}", decision)
     latency = time.perf_counter() - start
     if watch.error:
-        return Sample(start, latency, ttft, watch.error)
+        return Sample(start, latency, ttft, watch.error, decision)
     if not watch.done:
-        return Sample(start, latency, ttft, "stream ended without data: [DONE]")
+        return Sample(start, latency, ttft, "stream ended without data: [DONE]", decision)
     if ttft is None:
-        return Sample(start, latency, None, "stream carried no content")
-    return Sample(start, latency, ttft)
+        return Sample(start, latency, None, "stream carried no content", decision)
+    return Sample(start, latency, ttft, None, decision)
+
+
+async def complete_once(session: aiohttp.ClientSession, url: str, body: bytes) -> Sample:
+    """Send one non-streaming request and time it (no TTFT); failures become a ``Sample`` with an error."""
+    start = time.perf_counter()
+    decision: str | None = None
+    try:
+        async with session.post(url, data=body, headers=_JSON_HEADERS) as response:
+            decision = response.headers.get(DECISION_HEADER)
+            raw = await response.read()
+            status = response.status
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return Sample(start, time.perf_counter() - start, None, f"{type(exc).__name__}: {exc}", decision)
+    latency = time.perf_counter() - start
+    if status != 200:
+        return Sample(start, latency, None, f"HTTP {status}: {raw[:200].decode(errors='replace')}", decision)
+    try:
+        choices = json.loads(raw).get("choices") or ()
+    except (ValueError, AttributeError):
+        return Sample(start, latency, None, f"unparsable body: {raw[:100]!r}", decision)
+    if not any((c.get("message") or {}).get("content") or c.get("text") for c in choices):
+        return Sample(start, latency, None, "answer carried no content", decision)
+    return Sample(start, latency, None, None, decision)
+
+
+def error_kind(error: str) -> str:
+    """A short, countable name for a ``Sample.error`` message (the reports count errors by kind)."""
+    if error.startswith("HTTP "):
+        return f"http_{error[5:8]}"
+    if error.startswith(("TimeoutError", "ServerTimeoutError", "SocketTimeoutError", "ConnectionTimeoutError")):
+        return "timeout"
+    if error.startswith(("Client", "ServerDisconnected", "ServerConnection")):
+        return "connection"
+    if error.startswith("stream ended"):
+        return "stream_incomplete"
+    if error.startswith(("stream carried no content", "answer carried no content")):
+        return "empty_answer"
+    if error.startswith("unparsable"):
+        return "protocol"
+    if error.startswith("unfinished"):
+        return "unfinished"
+    return "error_event"
 
 
 @dataclass(frozen=True)
@@ -261,6 +308,91 @@ async def run_round(session: aiohttp.ClientSession, url: str, body: bytes, concu
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return Round(samples, duration_s, sum(_share_in_window(s, deadline) for s in samples))
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request of an open-loop run: its place in the schedule, when it was due (``perf_counter``), how late
+    the load generator sent it (a late generator would hide the server's queueing) and what came back."""
+
+    index: int
+    due_s: float
+    send_lag_s: float
+    sample: Sample
+
+
+@dataclass(frozen=True)
+class OpenLoopRun:
+    """What an open-loop run sent, and the requests it could not account for (both count as errors)."""
+
+    sent: list[Sent]
+    start_s: float
+    window_s: float
+    dropped: int  # due but not sent: ``max_in_flight`` requests were still running
+    unfinished: int  # still running when the drain time ran out, then cancelled
+
+
+async def open_loop(rate_per_s: float, duration_s: float, send: Callable[[int], Awaitable[Sample]], *,
+                    max_in_flight: int = 2048, drain_s: float = 60.0) -> OpenLoopRun:
+    """Open loop: request ``i`` is due ``i / rate_per_s`` after the start whether or not earlier ones finished.
+
+    Unlike ``run_round``'s closed loop, a slow server does not slow the arrivals down, so queueing shows in the
+    latencies, as it would with independent clients. The run is bounded: after the window, requests still
+    running get ``drain_s`` to finish and are then cancelled and counted as unfinished.
+    """
+    if rate_per_s <= 0 or duration_s <= 0:
+        raise ValueError("rate_per_s and duration_s must be positive")
+    sent: list[Sent] = []
+    running: set[asyncio.Task[None]] = set()
+    dropped = 0
+
+    async def one(index: int, due: float) -> None:
+        lag = time.perf_counter() - due
+        sent.append(Sent(index, due, lag, await send(index)))
+
+    start = time.perf_counter()
+    for index in range(max(1, int(rate_per_s * duration_s))):
+        due = start + index / rate_per_s
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(running) >= max_in_flight:
+            dropped += 1
+            continue
+        task = asyncio.create_task(one(index, due))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    await asyncio.sleep(max(0.0, start + duration_s - time.perf_counter()))
+    unfinished = 0
+    if running:
+        _, pending = await asyncio.wait(set(running), timeout=drain_s)
+        unfinished = len(pending)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return OpenLoopRun(sorted(sent, key=lambda s: s.index), start, duration_s, dropped, unfinished)
+
+
+def tree_usage(pid: int) -> tuple[int, float] | None:
+    """Resident memory (bytes) and CPU seconds of a process and all its descendants (uvicorn's workers);
+    None once the process is gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    rss, cpu = 0, 0.0
+    for process in processes:
+        try:
+            with process.oneshot():
+                rss += process.memory_info().rss
+                times = process.cpu_times()
+                cpu += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return rss, cpu
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -314,6 +446,12 @@ class Tally:
         return result
 
 
+def window_tally(samples: Sequence[Sample], start_s: float, window_s: float) -> Tally:
+    """A ``Tally`` of requests that started in a window, with throughput counted as in ``run_round``."""
+    end = start_s + window_s
+    return Tally(list(samples), window_s, sum(_share_in_window(s, end) for s in samples), 1)
+
+
 def _difference(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(b - a, 2)
 
@@ -364,11 +502,12 @@ async def warm_up(session: aiohttp.ClientSession, targets: Sequence[Target], bod
             progress(f"warm-up: {len(failed)}/{len(samples)} requests to {target.name} failed, e.g. {failed[0]}")
 
 
-def client_session() -> aiohttp.ClientSession:
-    """The load generator's client: unbounded keep-alive pool (concurrency is set by the clients, not the pool)."""
+def client_session(timeout_s: float = 600.0) -> aiohttp.ClientSession:
+    """The load generator's client: unbounded keep-alive pool (concurrency is set by the clients, not the pool);
+    ``timeout_s`` bounds each request."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     return aiohttp.ClientSession(connector=connector,
-                                 timeout=aiohttp.ClientTimeout(total=600, sock_connect=10))
+                                 timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=10))
 
 
 def request_body(payload: Mapping[str, Any]) -> bytes:
