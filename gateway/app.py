@@ -19,6 +19,7 @@ from gateway.engines import Engine, build_engine
 from gateway.errors import BadRequest, GatewayError
 from gateway.openai import router as openai_router
 from gateway.openai.handler import OpenAIHandler
+from gateway.output_guard import OutputGuardIndexBuilder
 from gateway.registry import TargetStore, open_store
 from gateway.registry.reload import IndexBuilder, TargetReloader
 from gateway.settings import Settings
@@ -26,6 +27,7 @@ from gateway.targets_middleware import TargetsVersionMiddleware
 from gateway.telemetry.engine import instrument
 from gateway.telemetry.middleware import TelemetryConfig, TelemetryMiddleware
 from gateway.telemetry.tracing import RequestTracer, build_tracer
+from gateway.training import PolicyStatusView, TrainingConfig, UldTrainer
 from gateway.unlearning import Unlearner
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,18 @@ def _policy_kit(settings: Settings, engine: Engine):
         return None
 
 
+def _uld_trainer(settings: Settings, store: TargetStore, reloader: TargetReloader) -> UldTrainer | None:
+    """The background trainer of ULD assistants, when this gateway trains them (``gateway.training``)."""
+    if not settings.trains_uld():
+        log.info("ULD assistants are not trained here (uld_auto_train off, engine %s): run `unlearn-gateway train "
+                 "assistant` where the model can be trained and register each adapter by path (policy.adapter); "
+                 "until then ULD targets are enforced with their fallback policy", settings.engine)
+        return None
+    config = TrainingConfig(settings.model, settings.resolved_adapters_dir(), settings.uld_train_epochs,
+                            settings.uld_train_lease_s)
+    return UldTrainer(store, reloader, config)
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None, *, store: TargetStore | None = None,
                index_builders: Sequence[IndexBuilder] | None = None, tracer: RequestTracer | None = None) -> FastAPI:
     """Build the gateway. ``engine`` and ``store`` may be given (tests, benchmarks); else they follow the settings.
@@ -99,7 +113,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     if index_builders is None:
         from classifiers.index import IndexBuilder as ClassifierIndexBuilder
 
-        index_builders = (ClassifierIndexBuilder(),)
+        index_builders = (ClassifierIndexBuilder(), OutputGuardIndexBuilder())
     reloader = TargetReloader(target_store, index_builders, resync_interval_s=settings.resync_interval_s,
                               grace_s=settings.store_grace_s)
     registry, instruments = metrics.build_metrics(reloader, settings.metrics_max_target_labels)
@@ -111,6 +125,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     async def lifespan(app: FastAPI):
         own_engine = engine is None
         unlearner = None
+        trainer = None
         app.state.engine = engine if engine is not None else build_engine(settings)
         try:
             await reloader.start()
@@ -118,9 +133,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
             # The handler sees the engine through the telemetry wrapper (upstream time, upstream errors).
             unlearner = Unlearner(_policy_kit(settings, app.state.engine), settings.engine)
             app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments), unlearner)
-            app.state.admin_handler = AdminHandler(target_store, reloader)
+            app.state.admin_handler = AdminHandler(target_store, reloader, PolicyStatusView(
+                target_store, settings.model, settings.trains_uld()))
+            trainer = _uld_trainer(settings, target_store, reloader)
+            if trainer is not None:
+                await trainer.start()
             yield
         finally:
+            if trainer is not None:
+                await trainer.aclose()
             if unlearner is not None:
                 await unlearner.aclose()
             await reloader.aclose()

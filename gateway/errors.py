@@ -78,3 +78,12 @@ class UpstreamError(GatewayError):
 class Unavailable(GatewayError):
     status = 503
     type = "service_unavailable"
+
+
+class OutputWithheld(GatewayError):
+    """The output guard caught the answer reproducing a forget target's facts, and that target asks for an error
+    rather than the refusal. 451 (Unavailable For Legal Reasons): the content exists but may not be served; the
+    client's request was valid, so no 4xx that blames it, and no 5xx that a client would retry."""
+
+    status = 451
+    type = "content_filter"

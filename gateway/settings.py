@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     upstream_retries: int = Field(2, ge=0, description="extra workers tried on connect errors (never mid-stream)")
     health_interval_s: float = Field(5.0, gt=0, description="seconds between worker health checks")
     local_max_concurrency: int = Field(8, ge=1, description="requests the local engine decodes at once")
+    # ULD assistants trained in the background for `uld` targets without an adapter (gateway.training).
+    uld_auto_train: bool | None = Field(None, description="train ULD assistants on this host; empty = on for the "
+                                        "local engine, off for vllm (train elsewhere, register the adapter by path)")
+    adapters_dir: Path | None = Field(None, description="where trained assistants are saved (shared storage with "
+                                      "several replicas); empty = ~/.local/share/unlearn-gateway/adapters")
+    uld_train_epochs: int = Field(10, ge=1, description="epochs of a background assistant training")
+    uld_train_lease_s: float = Field(30.0, gt=0, description="a training's lease: another worker takes a target "
+                                     "over when its trainer stopped renewing it this long ago")
     log_level: str = "info"
     # Observability (gateway.telemetry): JSON logs with no prompt/completion text unless log_content is set.
     log_format: Literal["json", "text"] = Field("json", description="access and server logs: JSON lines or text")
@@ -99,12 +107,13 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("api_keys_file", "admin_keys_file", "store_password_file", mode="before")
+    @field_validator("api_keys_file", "admin_keys_file", "store_password_file", "adapters_dir", "uld_auto_train",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("store_path", "api_keys_file", "admin_keys_file", "store_password_file")
+    @field_validator("store_path", "api_keys_file", "admin_keys_file", "store_password_file", "adapters_dir")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -113,6 +122,15 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: list[str]) -> list[str]:
         return [url.rstrip("/") for url in value]
+
+    def trains_uld(self) -> bool:
+        """``uld_auto_train`` with its engine-dependent default applied."""
+        return self.uld_auto_train if self.uld_auto_train is not None else self.engine == "local"
+
+    def resolved_adapters_dir(self) -> Path:
+        from models.assistant import default_adapters_dir
+
+        return self.adapters_dir or default_adapters_dir()
 
     def resolved_store_url(self) -> str:
         """``store_url`` with the password from ``store_password_file`` (read at startup), so the secret never has

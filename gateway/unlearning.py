@@ -20,7 +20,7 @@ from gateway.engines.base import GenerationRequest, Message
 from gateway.engines.policy import message_text
 from gateway.errors import Unavailable
 from gateway.registry.reload import ActiveTargets
-from gateway.registry.targets import Target
+from gateway.registry.targets import EcoPolicy, Target
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,12 @@ class Unlearner:
         from policies.uld import UldParams
 
         chosen = [t for t in verdict.targets if self.effective_method(t) == verdict.method]
-        policy = chosen[0].policy
+        policy = next((t.policy for t in chosen if t.policy.method == verdict.method), chosen[0].policy)
         if verdict.method == "eco" and request.messages is not None:
-            params = EcoParams.from_policy(policy)
-            return self.kit.eco(request, verdict.names(), params, spans=verdict.spans, scope=policy.scope)
+            # A ULD target enforced with its "eco" fallback has no ECO parameters of its own: ECO's defaults apply.
+            eco = policy if isinstance(policy, EcoPolicy) else EcoPolicy()
+            params = EcoParams.from_policy(eco)
+            return self.kit.eco(request, verdict.names(), params, spans=verdict.spans, scope=eco.scope)
         if verdict.method == "uld":
             return self.kit.uld_request(request, policy.adapter, UldParams.from_policy(policy))
         # GUARD, and ECO on raw completions (no messages to corrupt): forbid the facts' tokens.

@@ -9,13 +9,20 @@ contains: echoing the question leaks nothing) are looked for in overlapping wind
 when it recalls at least ``lexical_threshold`` of a fact's novel n-grams (and at least ``min_matched`` of them).
 Optional semantic check: sentence-embedding cosine of each window against each fact.
 
-Stream modes: ``hold`` buffers the whole answer and checks once at the end (nothing leaks, first byte late);
-``window`` releases text as it comes and re-checks the last window every ``every_words`` words (a few words of a
-fact may be out before the hit ends the stream).
+Cost: ``FactIndex`` is built once per target set (the gateway rebuilds it on hot reload) and maps every content
+n-gram to the facts that hold it, so checking a window touches only the facts that share a word with it, however
+many targets are active. A request adds only its prompt's words (``OutputGuard``).
+
+Stream modes (``StreamGuard``): ``hold`` buffers the whole answer and checks once at the end (nothing leaks, first
+byte late); ``window`` holds at most ``every_tokens`` tokens, checks them together with the tail of what was already
+released, and releases them only if clean. A fact cut by a release boundary is caught once its second part comes,
+so its first few words may be out before the stream ends.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,6 +33,8 @@ from evals.rouge import tokens as words_of
 from policies.guard import STOPWORDS, SentenceEncode
 
 StreamMode = Literal["hold", "window"]
+Gram = tuple[str, ...]
+_WORD_SPAN = re.compile(r"\S+")
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,10 @@ class Hit:
     window: str
 
 
-def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+def content_grams(words: Sequence[str], n: int) -> set[Gram]:
+    """n-grams over the content words (function words dropped first, on facts and outputs alike)."""
+    content = [w for w in words if w not in STOPWORDS]
+    return {tuple(content[i:i + n]) for i in range(len(content) - n + 1)}
 
 
 def windows(words: Sequence[str], size: int, stride: int) -> list[list[str]]:
@@ -61,55 +72,105 @@ def windows(words: Sequence[str], size: int, stride: int) -> list[list[str]]:
     return [list(words[s:s + size]) for s in starts]
 
 
-@dataclass
+@dataclass(frozen=True)
+class FactIndex:
+    """Facts prepared for checking outputs, independent of any prompt. ``semantic`` holds each fact's embedding
+    row and its cosine threshold (inf where the fact's target has no semantic check), when any target has one."""
+
+    facts: tuple[tuple[str, str], ...]  # (target_id, fact)
+    grams: tuple[frozenset[Gram], ...]
+    postings: Mapping[Gram, tuple[int, ...]]  # n-gram -> indices of the facts holding it
+    word_postings: Mapping[str, tuple[int, ...]]  # word -> indices of the facts whose n-grams use it
+    ngram: int = 1
+    semantic: tuple[torch.Tensor, torch.Tensor] | None = None  # (facts, dim) unit rows, (facts,) thresholds
+
+    @classmethod
+    def build(cls, facts_by_target: Mapping[str, Sequence[str]], ngram: int = 1,
+              encode: SentenceEncode | None = None,
+              semantic_thresholds: Mapping[str, float | None] | None = None) -> FactIndex:
+        facts: list[tuple[str, str]] = []
+        grams: list[frozenset[Gram]] = []
+        for target_id, texts in facts_by_target.items():
+            for fact in texts:
+                fact_grams = frozenset(content_grams(words_of(fact), ngram))
+                if fact_grams:
+                    facts.append((target_id, fact))
+                    grams.append(fact_grams)
+        postings: dict[Gram, list[int]] = {}
+        word_postings: dict[str, list[int]] = {}
+        for i, fact_grams in enumerate(grams):
+            for gram in fact_grams:
+                postings.setdefault(gram, []).append(i)
+            for word in {w for gram in fact_grams for w in gram}:
+                word_postings.setdefault(word, []).append(i)
+        semantic = None
+        thresholds = semantic_thresholds or {}
+        if encode is not None and facts and any(thresholds.get(t) is not None for t, _ in facts):
+            limits = [thresholds.get(t) for t, _ in facts]
+            semantic = (encode([f for _, f in facts]),
+                        torch.tensor([float("inf") if x is None else x for x in limits], dtype=torch.float32))
+        return cls(tuple(facts), tuple(grams), {g: tuple(v) for g, v in postings.items()},
+                   {w: tuple(v) for w, v in word_postings.items()}, ngram, semantic)
+
+
 class OutputGuard:
-    """The active targets' facts, prepared for checking outputs of one request (``prompt`` = what the user said)."""
+    """The facts of a ``FactIndex`` (or a plain mapping target id -> facts) as seen by one request whose user
+    said ``prompt``: n-grams using a word of the prompt are not novel and never count."""
 
-    facts_by_target: Mapping[str, Sequence[str]]
-    params: OutputGuardParams = field(default_factory=OutputGuardParams)
-    prompt: str = ""
-    encode: SentenceEncode | None = None
-
-    def __post_init__(self) -> None:
-        said = set(words_of(self.prompt))
-        n = self.params.ngram
-        self._facts: list[tuple[str, str, set[tuple[str, ...]]]] = []
-        for target_id, facts in self.facts_by_target.items():
-            for fact in facts:
-                novel = [w for w in words_of(fact) if w not in STOPWORDS and w not in said]
-                grams = _ngrams(novel, n)
-                if grams:
-                    self._facts.append((target_id, fact, grams))
+    def __init__(self, facts: FactIndex | Mapping[str, Sequence[str]], params: OutputGuardParams | None = None,
+                 prompt: str = "", encode: SentenceEncode | None = None):
+        self.params = params or OutputGuardParams()
+        self.index = facts if isinstance(facts, FactIndex) else FactIndex.build(facts, self.params.ngram)
+        self.encode = encode
+        self._said = frozenset(words_of(prompt))
+        # Novel n-grams per fact; only facts that share a word with the prompt lose any.
+        self._novel: dict[int, int] = {}
+        for word in self._said:
+            for i in self.index.word_postings.get(word, ()):
+                if i not in self._novel:
+                    self._novel[i] = sum(1 for g in self.index.grams[i] if self._said.isdisjoint(g))
         self._fact_matrix: torch.Tensor | None = None
 
+    def _novel_count(self, i: int) -> int:
+        return self._novel.get(i, len(self.index.grams[i]))
+
     def _lexical(self, window: list[str]) -> Hit | None:
-        grams = _ngrams(window, self.params.ngram)
-        if self.params.ngram == 1:  # function words never count; the window keeps them only for n > 1
-            grams = {g for g in grams if g[0] not in STOPWORDS}
+        matched: Counter[int] = Counter()
+        for gram in content_grams(window, self.index.ngram):
+            if self._said.isdisjoint(gram):
+                matched.update(self.index.postings.get(gram, ()))
         best: Hit | None = None
-        for target_id, fact, fact_grams in self._facts:
-            matched = len(fact_grams & grams)
-            score = matched / len(fact_grams)
-            if (score >= self.params.lexical_threshold and matched >= min(self.params.min_matched, len(fact_grams))
+        for i, count in matched.items():
+            novel = self._novel_count(i)
+            score = count / novel
+            if (score >= self.params.lexical_threshold and count >= min(self.params.min_matched, novel)
                     and (best is None or score > best.score)):
+                target_id, fact = self.index.facts[i]
                 best = Hit(target_id, fact, score, "lexical", " ".join(window))
         return best
 
     def _semantic(self, texts: list[str]) -> Hit | None:
-        if self.encode is None or self.params.semantic_threshold is None or not self._facts or not texts:
+        if self.encode is None or not self.index.facts or not texts:
             return None
-        if self._fact_matrix is None:
-            self._fact_matrix = self.encode([f for _, f, _ in self._facts])
-        sims = self.encode(texts) @ self._fact_matrix.T  # [windows, facts]
-        value, flat = sims.flatten().max(dim=0)
-        if float(value) < self.params.semantic_threshold:
+        if self.index.semantic is not None:
+            matrix, limits = self.index.semantic
+        elif self.params.semantic_threshold is not None:
+            if self._fact_matrix is None:
+                self._fact_matrix = self.encode([f for _, f in self.index.facts])
+            matrix, limits = self._fact_matrix, torch.full((len(self.index.facts),), self.params.semantic_threshold)
+        else:
+            return None
+        sims = self.encode(texts) @ matrix.T  # [windows, facts]
+        margin = sims - limits[None, :]
+        value, flat = margin.flatten().max(dim=0)
+        if float(value) < 0:
             return None
         w, f = divmod(int(flat), sims.shape[1])
-        target_id, fact, _ = self._facts[f]
-        return Hit(target_id, fact, float(value), "semantic", texts[w])
+        target_id, fact = self.index.facts[f]
+        return Hit(target_id, fact, float(sims[w, f]), "semantic", texts[w])
 
     def check(self, text: str) -> Hit | None:
-        """The strongest hit over the windows of ``text``, or None."""
+        """The first lexical hit over the windows of ``text``, else the strongest semantic one, or None."""
         chunks = windows(words_of(text), self.params.window_words, self.params.stride_words)
         for chunk in chunks:
             if hit := self._lexical(chunk):
@@ -118,46 +179,58 @@ class OutputGuard:
 
 
 class StreamGuard:
-    """Applies an ``OutputGuard`` to a stream of text deltas in ``hold`` or ``window`` mode.
+    """Applies an ``OutputGuard`` to a stream of text deltas (one per token) in ``hold`` or ``window`` mode.
 
-    ``push`` returns the text that may be released now; ``hit`` is set once a check fails, after which nothing
-    more is released (the caller ends the stream with an error frame or the refusal).
+    ``push`` returns the text that may be released now; ``finish`` checks what is left and returns the rest.
+    ``hit`` is set once a check fails, after which nothing more is released (the caller ends the stream with an
+    error frame or the refusal). Released text always ends at a word boundary, so no word is ever split between
+    a released part and a checked part.
     """
 
-    def __init__(self, guard: OutputGuard, mode: StreamMode = "window", every_words: int = 8):
+    def __init__(self, guard: OutputGuard, mode: StreamMode = "window", every_tokens: int = 16):
         self.guard = guard
         self.mode = mode
-        self.every_words = every_words
+        self.every_tokens = max(1, every_tokens)
         self.hit: Hit | None = None
         self._text = ""
-        self._released = 0
-        self._checked_words = 0
+        self._released = 0  # characters of _text already released
+        self._pending_tokens = 0
 
     def push(self, delta: str) -> str:
-        if self.hit is not None:
+        if self.hit is not None or not delta:
             return ""
         self._text += delta
-        if self.mode == "hold":
+        self._pending_tokens += 1
+        if self.mode == "hold" or self._pending_tokens < self.every_tokens:
             return ""
-        n_words = len(words_of(self._text))
-        if n_words - self._checked_words >= self.every_words:
-            self._checked_words = n_words
-            tail = " ".join(words_of(self._text)[-self.guard.params.window_words:])
-            if (hit := self.guard.check(tail)) is not None:
-                self.hit = hit
-                return ""
-        return self._release()
+        self._pending_tokens = 0
+        boundary = self._last_boundary()
+        return self._checked(boundary) if boundary > self._released else ""
 
     def finish(self) -> str:
-        """Final check over everything; returns the rest of the text (empty on a hit)."""
-        if self.hit is None:
-            self.hit = self.guard.check(self._text)
-        return "" if self.hit is not None else self._release()
+        """Final check over what was not released yet (with the released tail as context)."""
+        if self.hit is not None:
+            return ""
+        return self._checked(len(self._text))
 
-    def _release(self) -> str:
-        out = self._text[self._released:]
-        self._released = len(self._text)
+    def _last_boundary(self) -> int:
+        """End of the last whole word: text after it may still grow into a longer word."""
+        cut = max(self._text.rfind(" "), self._text.rfind("\n"))
+        return cut + 1 if cut >= 0 else 0
+
+    def _checked(self, until: int) -> str:
+        """Check ``_text[:until]`` from the start of the overlap (the last ``window_words`` released words) and
+        release the unreleased part of it if clean."""
+        released_words = list(_WORD_SPAN.finditer(self._text, 0, self._released))
+        overlap = self.guard.params.window_words
+        start = released_words[-overlap].start() if len(released_words) >= overlap else 0
+        if (hit := self.guard.check(self._text[start:until])) is not None:
+            self.hit = hit
+            return ""
+        out = self._text[self._released:until]
+        self._released = until
         return out
 
 
-__all__ = ["Hit", "OutputGuard", "OutputGuardParams", "StreamGuard", "StreamMode", "windows"]
+__all__ = ["FactIndex", "Hit", "OutputGuard", "OutputGuardParams", "StreamGuard", "StreamMode", "content_grams",
+           "windows"]

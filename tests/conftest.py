@@ -66,14 +66,20 @@ def serve(app, ready_path: str = "/health") -> Server:
 @pytest.fixture(scope="session", autouse=True)
 def _embedded_store_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Gateways built from plain ``Settings()`` (and ``serve`` subprocesses, which inherit the environment) keep
-    their embedded target store in a temporary folder, never in the user's ~/.local/share."""
-    previous = os.environ.get("UNLEARN_STORE_PATH")
-    os.environ["UNLEARN_STORE_PATH"] = str(tmp_path_factory.mktemp("embedded-store") / "targets.db")
+    their embedded target store and ULD assistants in a temporary folder, never in the user's ~/.local/share, and
+    train no ULD assistant in the background unless a test asks for it (``uld_auto_train=True``): a test that
+    imports ULD targets for another purpose should not start trainings."""
+    overrides = {"UNLEARN_STORE_PATH": str(tmp_path_factory.mktemp("embedded-store") / "targets.db"),
+                 "UNLEARN_ADAPTERS_DIR": str(tmp_path_factory.mktemp("adapters")),
+                 "UNLEARN_ULD_AUTO_TRAIN": "false"}
+    previous = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     yield
-    if previous is None:
-        os.environ.pop("UNLEARN_STORE_PATH", None)
-    else:
-        os.environ["UNLEARN_STORE_PATH"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

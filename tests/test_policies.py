@@ -207,7 +207,7 @@ def test_output_guard_catches_the_fact_not_the_echo():
     hit = guard.check("She is best known for historical fiction, which she writes predominantly.")
     assert hit is not None and hit.target_id == "carmen-montenegro"
     assert guard.check("Carmen Montenegro writes in the genre of romance.") is None
-    streamed = StreamGuard(guard, "window", every_words=3)
+    streamed = StreamGuard(guard, "window", every_tokens=3)
     out = "".join(streamed.push(w + " ") for w in ["Her", "books", "are", "predominantly", "Historical", "Fiction", "novels"])
     assert streamed.hit is not None and "Fiction novels" not in out
     held = StreamGuard(guard, "hold")

@@ -195,12 +195,24 @@ def list_targets(
         for item in items:
             typer.echo(json.dumps(item, ensure_ascii=False))
         return
-    table = Table("id", "name", "policy", "enabled", "aliases", "facts",
+    table = Table("id", "name", "policy", "status", "enabled", "aliases", "facts",
                   caption=f"{len(items)} of {page['total']} matching, targets version {page['version']}")
     for item in items:
-        table.add_row(item["id"], item["name"], item["policy"]["method"], "yes" if item["enabled"] else "no",
-                      str(len(item["aliases"])), str(len(item["facts"])))
+        table.add_row(item["id"], item["name"], item["policy"]["method"], policy_status_text(item),
+                      "yes" if item["enabled"] else "no", str(len(item["aliases"])), str(len(item["facts"])))
     Console().print(table)
+
+
+def policy_status_text(item: dict[str, Any]) -> str:
+    """A ULD target's ``policy_status`` in a table cell: "training 40%", "failed: <reason>", "ready" ..."""
+    status = item.get("policy_status")
+    if not status:
+        return ""
+    if status["state"] == "training" and status.get("progress") is not None:
+        return f"training {status['progress']:.0%}"
+    if status["state"] == "failed" and status.get("reason"):
+        return f"failed: {status['reason']}"
+    return status["state"]
 
 
 @targets_app.command("get")

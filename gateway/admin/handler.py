@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ from gateway.errors import BadRequest, NotInstalled
 from gateway.registry import ImportMode, Target, TargetNotFound, TargetPatch, TargetStore
 from gateway.registry.reload import TargetReloader
 from gateway.registry.sqlite_store import SQLiteTargetStore
+from gateway.training import PolicyStatusView
 
 EXPORT_CHUNK = 1_000  # targets per streamed chunk
 
@@ -56,10 +57,23 @@ def _matches(target: Target, enabled: bool | None, method: Method | None, text: 
     return True
 
 
+def _shown(target: Target, statuses: Mapping[str, Any]) -> dict[str, Any]:
+    """A target as JSON, with its ``policy_status`` when it has one (``TargetView``)."""
+    shown = target.model_dump(mode="json")
+    if (status := statuses.get(target.id)) is not None:
+        shown["policy_status"] = status.model_dump(mode="json")
+    return shown
+
+
 class AdminHandler:
-    def __init__(self, store: TargetStore, reloader: TargetReloader):
+    def __init__(self, store: TargetStore, reloader: TargetReloader, statuses: PolicyStatusView | None = None):
+        """``statuses``: how ULD targets' ``policy_status`` is shown (None: not shown)."""
         self.store = store
         self.reloader = reloader
+        self.statuses = statuses
+
+    async def _statuses(self, targets: Sequence[Target]) -> Mapping[str, Any]:
+        return await self.statuses.of(targets) if self.statuses is not None else {}
 
     # -- reads ------------------------------------------------------------------------------------------------
 
@@ -73,7 +87,8 @@ class AdminHandler:
         return await self.store.snapshot()
 
     async def list(self, *, limit: int, offset: int, cursor: str | None, enabled: bool | None,
-                   method: Method | None, text: str | None, as_of: datetime | None) -> TargetPage:
+                   method: Method | None, text: str | None, as_of: datetime | None) -> dict[str, Any]:
+        """A ``TargetPage`` as JSON; current (not ``as_of``) pages show ULD targets' ``policy_status``."""
         if cursor is not None and offset:
             raise InvalidInput([FieldError(field="offset", message="give either cursor or offset, not both")])
         version, targets = await self._read_set(as_of)
@@ -84,10 +99,13 @@ class AdminHandler:
             start = offset
         page = matching[start:start + limit]
         more = start + limit < len(matching)
-        return TargetPage(version=version, total=len(matching), limit=limit, offset=start,
-                          next_cursor=page[-1].id if more and page else None, items=page)
+        statuses = await self._statuses(page) if as_of is None else {}
+        envelope = TargetPage(version=version, total=len(matching), limit=limit, offset=start,
+                              next_cursor=page[-1].id if more and page else None, items=[])
+        return envelope.model_dump(mode="json") | {"items": [_shown(t, statuses) for t in page]}
 
-    async def get(self, target_id: str, as_of: datetime | None) -> Target:
+    async def get(self, target_id: str, as_of: datetime | None) -> dict[str, Any]:
+        """A ``TargetView`` as JSON (``policy_status`` for a ULD target, unless ``as_of`` asks for the past)."""
         if as_of is None:
             found = await self.store.get(target_id)
         else:
@@ -95,7 +113,7 @@ class AdminHandler:
             found = next((t for t in targets if t.id == target_id), None)
         if found is None:
             raise TargetNotFound(target_id)
-        return found
+        return _shown(found, await self._statuses([found]) if as_of is None else {})
 
     async def history(self, target_id: str) -> TargetHistory:
         entries = await self.store.history(target_id)
@@ -138,7 +156,10 @@ class AdminHandler:
         if body.id is not None and body.id != target_id:
             raise InvalidInput([FieldError(field="id", message=f"the body's id {body.id!r} differs from the path's "
                                                                f"{target_id!r}; ids cannot change")])
-        target = Target.model_validate({**body.model_dump(), "id": target_id})
+        try:  # the path's id is validated here, with the body: an impossible id is a 422, like a bad field
+            target = Target.model_validate({**body.model_dump(), "id": target_id})
+        except ValidationError as exc:
+            raise InvalidInput(validation_details(exc)) from None
         version = await self.store.replace(target, actor)
         return TargetWritten(version=version, target=target)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.errors import ErrorInfo, GatewayError
-from gateway.registry import AuditEntry, ImportMode, Target
+from gateway.registry import AuditEntry, ImportMode, PolicyStatus, Target
 from gateway.registry.targets import MAX_ID, SLUG_PATTERN
 
 MAX_PAGE = 1_000
@@ -102,6 +102,14 @@ class TargetReplacement(Target):
         return data
 
 
+class TargetView(Target):
+    """A target as ``GET /admin/targets[/{id}]`` shows it: the stored target and, for a ULD target only,
+    ``policy_status`` (machine state kept beside the target, so it is never part of an export or an import)."""
+
+    policy_status: PolicyStatus | None = Field(
+        None, description="ULD targets: pending, training (with progress), ready or failed (with the reason)")
+
+
 class TargetWritten(BaseModel):
     """A create, replace or patch: the set version it produced and the target as stored."""
 
@@ -123,7 +131,7 @@ class TargetPage(BaseModel):
     limit: int
     offset: int
     next_cursor: str | None
-    items: list[Target]
+    items: list[TargetView]
 
 
 class ImportResult(BaseModel):

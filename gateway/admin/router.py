@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from pydantic import AwareDatetime
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 from gateway.admin.handler import AdminHandler
 from gateway.admin.imports import document_format
@@ -35,6 +35,7 @@ from gateway.admin.protocol import (
     TargetHistory,
     TargetPage,
     TargetReplacement,
+    TargetView,
     TargetWritten,
     VersionInfo,
 )
@@ -95,9 +96,10 @@ async def create_target(target: Annotated[Target, Body(openapi_examples=TARGET_E
     return written
 
 
-@router.get("/targets", summary="List targets (sorted by id; filters; limit/offset or cursor paging)")
+@router.get("/targets", summary="List targets (sorted by id; filters; limit/offset or cursor paging)",
+            response_model=TargetPage)
 async def list_targets(
-    handler: Handler, response: Response,
+    handler: Handler,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
@@ -106,11 +108,10 @@ async def list_targets(
     text: Annotated[str | None, Query(min_length=1, description="case-insensitive substring of the name, an alias "
                                                                 "or the description")] = None,
     as_of: AsOf = None,
-) -> TargetPage:
+) -> JSONResponse:
     page = await handler.list(limit=limit, offset=offset, cursor=cursor, enabled=enabled, method=method, text=text,
                               as_of=as_of)
-    _versioned(response, page.version)
-    return page
+    return JSONResponse(page, headers={VERSION_HEADER: str(page["version"])})
 
 
 @router.post("/targets/import", summary="Import many targets at once: all or nothing",
@@ -142,9 +143,10 @@ async def export_targets(handler: Handler, format: ExportFormat = "jsonl", as_of
     return StreamingResponse(chunks, media_type=media, headers={VERSION_HEADER: str(version)})
 
 
-@router.get("/targets/{target_id}", summary="Get one target (optionally as it was at a past time)")
-async def get_target(target_id: str, handler: Handler, as_of: AsOf = None) -> Target:
-    return await handler.get(target_id, as_of)
+@router.get("/targets/{target_id}", summary="Get one target (optionally as it was at a past time)",
+            response_model=TargetView)
+async def get_target(target_id: str, handler: Handler, as_of: AsOf = None) -> JSONResponse:
+    return JSONResponse(await handler.get(target_id, as_of))
 
 
 @router.put("/targets/{target_id}", summary="Replace a target (its id stays)")

@@ -88,7 +88,7 @@ class GenerationDelta:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

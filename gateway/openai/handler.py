@@ -20,6 +20,7 @@ from gateway.engines.base import Engine, GenerationDelta, GenerationRequest, Mes
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.openai._streams import DONE, EventStreamResponse, merge, primed, sse, unless_disconnected
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.output_guard import RequestGuard, request_guard
 from gateway.telemetry.context import current_request
 from gateway.unlearning import CLEAN, STRICTNESS, Unlearner, Verdict
 from policies.processors import LogitsProcessor
@@ -136,6 +137,13 @@ class OpenAIHandler:
             choice.request = self.unlearner.apply(verdict, choice.request)
         return None
 
+    def _output_guard(self, request: Request, prompt: str) -> RequestGuard | None:
+        """Checks of the answer against the guarded targets' facts (every request: they catch classifier misses);
+        None, at no cost, when no active target guards its output."""
+        if self.unlearner is None:
+            return None
+        return request_guard(getattr(request.state, "targets", None), prompt)
+
     # -- models ----------------------------------------------------------------------------------------------
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name) for name in self.engine.model_names()])
@@ -160,7 +168,8 @@ class OpenAIHandler:
             messages = [Message(m.role, m.text()) for m in body.messages]
             verdict = await self._verdict(request, [messages])
         headers = self._decision_headers(verdict)
-        if messages_from_body and not verdict.flagged:
+        guard = self._output_guard(request, "\n".join(m.content for m in messages if isinstance(m.content, str)))
+        if messages_from_body and not verdict.flagged and guard is None:
             relayed = await self._relay("/v1/chat/completions", body, model, request, headers)
             if relayed is not None:
                 return relayed
@@ -171,7 +180,7 @@ class OpenAIHandler:
                                                    logits_processors=list(extras.processors)))
                    for i in range(body.n)]
         job = _Job("chat", request_id, model, choices, top is not None, extras.tokens_as_ids)
-        return await self._serve(job, body, request, headers, canned=self._guarded(verdict, choices))
+        return await self._serve(job, body, request, headers, canned=self._guarded(verdict, choices), guard=guard)
 
     async def completions(self, body: CompletionRequest, request: Request, *, prompts: list[dict] | None = None,
                           extras: Extras = Extras()) -> Response:
@@ -181,8 +190,9 @@ class OpenAIHandler:
         if prompts is None:
             verdict = await self._verdict(request, [[Message("user", p)] for p in body.prompts()])
         headers = self._decision_headers(verdict)
+        guard = self._output_guard(request, "\n".join(body.prompts())) if prompts is None else None
         if prompts is None:
-            if not verdict.flagged:
+            if not verdict.flagged and guard is None:
                 relayed = await self._relay("/v1/completions", body, model, request, headers)
                 if relayed is not None:
                     return relayed
@@ -197,7 +207,7 @@ class OpenAIHandler:
                                                logits_processors=list(extras.processors), **prompt)
                 choices.append(_Choice(index, p, generation))
         job = _Job("text", request_id, model, choices, body.logprobs is not None, extras.tokens_as_ids)
-        return await self._serve(job, body, request, headers, canned=self._guarded(verdict, choices))
+        return await self._serve(job, body, request, headers, canned=self._guarded(verdict, choices), guard=guard)
 
     @staticmethod
     def _sampling(body, max_tokens: int | None, top_logprobs: int | None) -> SamplingParams:
@@ -236,12 +246,17 @@ class OpenAIHandler:
 
     # -- serving ---------------------------------------------------------------------------------------------
     async def _serve(self, job: _Job, body, request: Request, headers: dict[str, str] | None = None,
-                     canned: str | None = None) -> Response:
+                     canned: str | None = None, guard: RequestGuard | None = None) -> Response:
+        """``guard``: the output guard, wrapped around each generated stream after priming (so engine errors
+        before the first token stay plain HTTP errors, and a guard hit in a stream is an error frame)."""
         streams: list[AsyncGenerator[GenerationDelta, None]] = []
         try:
             for choice in job.choices:
                 stream = _canned(canned) if canned is not None else self.engine.generate(choice.request)
-                streams.append(await primed(stream))
+                stream = await primed(stream)
+                if guard is not None and canned is None:
+                    stream = guard.wrap(stream, whole=not body.stream)  # type: ignore[assignment]
+                streams.append(stream)
         except BaseException:
             for stream in streams:
                 await stream.aclose()

@@ -16,10 +16,12 @@ from gateway.registry.store import (
                                     TargetStore,
                                     open_store,
 )
+from gateway.registry.status import PolicyState, PolicyStatus
 from gateway.registry.targets import (
                                     AuditEntry,
                                     EcoPolicy,
                                     GuardPolicy,
+                                    OutputGuardSettings,
                                     Policy,
                                     RefusePolicy,
                                     Target,
@@ -29,7 +31,7 @@ from gateway.registry.targets import (
 )
 
 __all__ = [
-    "AuditEntry", "EcoPolicy", "GuardPolicy", "ImportLineError", "ImportMode", "ImportRejected", "Policy",
-    "RefusePolicy", "StoreError", "StoreUnavailable", "Target", "TargetExists", "TargetNotFound", "TargetPatch",
-    "TargetStore", "UldPolicy", "open_store", "slugify",
+    "AuditEntry", "EcoPolicy", "GuardPolicy", "ImportLineError", "ImportMode", "ImportRejected",
+    "OutputGuardSettings", "Policy", "PolicyState", "PolicyStatus", "RefusePolicy", "StoreError", "StoreUnavailable",
+    "Target", "TargetExists", "TargetNotFound", "TargetPatch", "TargetStore", "UldPolicy", "open_store", "slugify",
 ]

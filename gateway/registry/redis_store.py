@@ -11,6 +11,8 @@ Layout under a prefix (default ``unlearn:``), all values text:
                        directly; an import adds one entry with an empty target_id marking the import itself.
 - ``<p>history:<id>``  list of the audit entry ids about one target (the index behind ``history``)
 - channel ``<p>targets:version``  the new version, published inside the write's transaction
+- ``<p>policy_status`` hash target id -> ``PolicyStatus`` JSON (outside the versioned set; dropped with its target)
+- ``<p>lease:<name>``  a lease: the owner's id, with the lease's expiry as the key's TTL (Redis's clock)
 
 Every write is optimistic: WATCH the version key, read what the write depends on, then MULTI/EXEC the records,
 the audit entries, the new version and the PUBLISH. Every write changes the version key, so a concurrent write
@@ -49,6 +51,7 @@ from gateway.registry.changes import (
     to_us,
     validate_batch,
 )
+from gateway.registry.status import PolicyStatus
 from gateway.registry.store import ImportMode, StoreUnavailable, TargetExists, TargetNotFound
 from gateway.registry.targets import Action, AuditEntry, Target
 
@@ -69,6 +72,29 @@ for i = 2, #KEYS do
   seq = seq + 1
 end
 return seq
+"""
+
+# Take a lease if it is free or already ours (and push its expiry out); one script, so check and set are atomic.
+_ACQUIRE_LEASE = """
+local held = redis.call('GET', KEYS[1])
+if held == false or held == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+# A status is written only while its target exists, so a trainer finishing after a delete leaves nothing behind.
+_PUT_STATUS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 
@@ -101,7 +127,11 @@ class RedisTargetStore:
         self._k_last_at = f"{prefix}last_at_us"
         self._k_ids = f"{prefix}ids"
         self._k_audit = f"{prefix}audit"
+        self._k_status = f"{prefix}policy_status"
         self._append_audit = client.register_script(_APPEND_AUDIT)
+        self._acquire_lease = client.register_script(_ACQUIRE_LEASE)
+        self._release_lease = client.register_script(_RELEASE_LEASE)
+        self._put_status = client.register_script(_PUT_STATUS)
         kwargs = client.connection_pool.connection_kwargs
         self._where = where or f"redis at {kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
@@ -171,6 +201,7 @@ class RedisTargetStore:
             chunk = removed[start:start + _CHUNK]
             pipe.delete(*(self._target_key(tid) for tid in chunk))
             pipe.srem(self._k_ids, *chunk)
+            pipe.hdel(self._k_status, *chunk)
         if marker:
             pipe.xadd(self._k_audit, {"version": version, "at": at, "actor": actor, "action": action,
                                       "target_id": "", "before": "", "after": ""}, id=f"{version}-0")
@@ -356,6 +387,31 @@ class RedisTargetStore:
                 return bool(await self._redis.ping())
         except StoreUnavailable:
             return False
+
+    # -- leases and policy statuses ----------------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        async with self._errors():
+            return bool(await self._acquire_lease(keys=[f"{self.prefix}lease:{name}"],
+                                                  args=[owner, max(1, round(ttl_s * 1000))]))
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        async with self._errors():
+            await self._release_lease(keys=[f"{self.prefix}lease:{name}"], args=[owner])
+
+    async def put_status(self, target_id: str, status: PolicyStatus) -> None:
+        async with self._errors():
+            await self._put_status(keys=[self._target_key(target_id), self._k_status],
+                                   args=[target_id, status.model_dump_json()])
+
+    async def get_statuses(self, target_ids: Sequence[str]) -> dict[str, PolicyStatus]:
+        ids = list(target_ids)
+        if not ids:
+            return {}
+        async with self._errors():
+            bodies = await self._redis.hmget(self._k_status, ids)
+        return {tid: PolicyStatus.model_validate_json(body) for tid, body in zip(ids, bodies, strict=True)
+                if body is not None}
 
     async def aclose(self) -> None:
         if self._owns_client:

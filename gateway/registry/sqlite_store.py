@@ -31,11 +31,14 @@ from gateway.registry.changes import (
     to_us,
     validate_batch,
 )
+from gateway.registry.status import PolicyStatus
 from gateway.registry.store import ImportMode, StoreUnavailable, TargetExists, TargetNotFound
 from gateway.registry.targets import Action, AuditEntry, Target
 
 T = TypeVar("T")
 
+# The leases and policy_status tables were added later without a version bump: they are additive, and a gateway
+# that does not know them simply leaves them alone.
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
@@ -60,6 +63,9 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_us INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS policy_status (target_id TEXT PRIMARY KEY, body TEXT NOT NULL) WITHOUT ROWID;
 """
 _IN_CHUNK = 500  # ids per "WHERE id IN (...)": well under SQLite's bound-parameter limit
 
@@ -180,7 +186,9 @@ class SQLiteTargetStore:
             conn.executemany(
                 "INSERT INTO targets (id, body) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
                 [(c.target_id, c.after) for c in changes if c.after is not None])
-            conn.executemany("DELETE FROM targets WHERE id = ?", [(c.target_id,) for c in changes if c.after is None])
+            removed = [(c.target_id,) for c in changes if c.after is None]
+            conn.executemany("DELETE FROM targets WHERE id = ?", removed)
+            conn.executemany("DELETE FROM policy_status WHERE target_id = ?", removed)
             rows = [(new_version, at_us, actor, action, None, None, None)] if marker else []
             rows += [(new_version, at_us, actor, action, c.target_id, c.before, c.after) for c in changes]
             conn.executemany("INSERT INTO audit (version, at_us, actor, action, target_id, before, after) "
@@ -325,6 +333,44 @@ class SQLiteTargetStore:
         except StoreUnavailable:
             return False
         return True
+
+    # -- leases and policy statuses (single statements: each is atomic on its own) -----------------------------
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        def take(conn: sqlite3.Connection) -> bool:
+            now = now_us()
+            cursor = conn.execute(
+                "INSERT INTO leases (name, owner, expires_us) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "owner = excluded.owner, expires_us = excluded.expires_us "
+                "WHERE leases.owner = excluded.owner OR leases.expires_us <= ?",
+                (name, owner, now + round(ttl_s * 1_000_000), now))
+            return cursor.rowcount == 1
+
+        return await self._write(take)
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._write(lambda conn: conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner)))
+
+    async def put_status(self, target_id: str, status: PolicyStatus) -> None:
+        body = status.model_dump_json()
+        await self._write(lambda conn: conn.execute(
+            "INSERT INTO policy_status (target_id, body) SELECT ?, ? WHERE EXISTS "
+            "(SELECT 1 FROM targets WHERE id = ?) ON CONFLICT (target_id) DO UPDATE SET body = excluded.body",
+            (target_id, body, target_id)))
+
+    async def get_statuses(self, target_ids: Sequence[str]) -> dict[str, PolicyStatus]:
+        ids = list(target_ids)
+
+        def read(conn: sqlite3.Connection) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start:start + _IN_CHUNK]
+                found.update(conn.execute(f"SELECT target_id, body FROM policy_status WHERE target_id IN "
+                                          f"({','.join('?' * len(chunk))})", chunk))
+            return found
+
+        bodies = await self._read(read) if ids else {}
+        return {tid: PolicyStatus.model_validate_json(body) for tid, body in bodies.items()}
 
     async def aclose(self) -> None:
         self._closed = True

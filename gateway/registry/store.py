@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from gateway.errors import GatewayError
+from gateway.registry.status import PolicyStatus
 from gateway.registry.targets import AuditEntry, Target
 
 ImportMode = Literal["upsert", "replace"]
@@ -149,6 +150,27 @@ class TargetStore(Protocol):
 
     async def ping(self) -> bool:
         """True if the backing store answers; never raises."""
+        ...
+
+    # -- beside the target set: leases and policy statuses (no version bump, no audit) ---------------------------
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take the named lease for ``ttl_s`` seconds, or extend it when ``owner`` holds it already; False while
+        another owner holds an unexpired one. Leases let one worker process among all replicas do a piece of
+        background work (train one target's ULD assistant); an owner that dies simply stops renewing."""
+        ...
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it (else do nothing)."""
+        ...
+
+    async def put_status(self, target_id: str, status: PolicyStatus) -> None:
+        """Record a target's policy status. Never touches the target record or the set version; deleting the
+        target deletes its status."""
+        ...
+
+    async def get_statuses(self, target_ids: Sequence[str]) -> dict[str, PolicyStatus]:
+        """The recorded statuses of the given targets (those without one are absent)."""
         ...
 
     async def aclose(self) -> None: ...

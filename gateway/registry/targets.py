@@ -98,6 +98,20 @@ class RefusePolicy(BaseModel):
 Policy = Annotated[EcoPolicy | GuardPolicy | UldPolicy | RefusePolicy, Field(discriminator="method")]
 
 
+class OutputGuardSettings(BaseModel):
+    """Checks of the generated text against this target's facts, on every request (flagged or not): the safety net
+    for prompts the classifier misses. ``hold`` buffers an answer until it is checked whole; ``window`` releases
+    it in checked steps of ``window_tokens`` tokens. On a hit the answer is replaced by a refusal that names no
+    one (``refuse``) or ends with an OpenAI-style error (``error``)."""
+
+    model_config = _STRICT
+    mode: Literal["off", "hold", "window"] = "off"
+    window_tokens: int = Field(16, ge=1, le=4096)
+    on_hit: Literal["error", "refuse"] = "refuse"
+    semantic_threshold: float | None = Field(
+        None, gt=0, le=1, description="also hit on sentence-embedding cosine >= this (None: lexical checks only)")
+
+
 class Target(BaseModel):
     """One forget target. ``id`` is generated from ``name`` when absent."""
 
@@ -111,6 +125,7 @@ class Target(BaseModel):
     examples: list[Text] = Field(default_factory=list, max_length=MAX_ITEMS)
     keep: list[Text] = Field(default_factory=list, max_length=MAX_ITEMS)
     policy: Policy = Field(default_factory=EcoPolicy)
+    output_guard: OutputGuardSettings = Field(default_factory=OutputGuardSettings)
     enabled: bool = True
 
     @model_validator(mode="before")
@@ -133,7 +148,8 @@ class TargetPatch(BaseModel):
 
     A ``policy`` with the same method as the current one is merged field by field (JSON merge-patch style:
     ``{"policy": {"method": "eco", "sigma": 2}}`` changes only sigma); a different method replaces the policy,
-    its unset parameters taking their defaults; either way a policy patch names its method. ``id`` may be given
+    its unset parameters taking their defaults; either way a policy patch names its method. ``output_guard`` is
+    merged field by field too. ``id`` may be given
     only if it equals the current id.
     """
 
@@ -147,6 +163,7 @@ class TargetPatch(BaseModel):
     examples: list[Text] | None = Field(None, max_length=MAX_ITEMS)
     keep: list[Text] | None = Field(None, max_length=MAX_ITEMS)
     policy: Policy | None = None
+    output_guard: OutputGuardSettings | None = None
     enabled: bool | None = None
 
     @field_validator("*", mode="before")
@@ -161,9 +178,12 @@ class TargetPatch(BaseModel):
                 type=PydanticCustomError("id_immutable", "id cannot change (it is '{current}')",
                                          {"current": target.id}),
                 loc=("id",), input=self.id)])
-        changes = self.model_dump(exclude_unset=True, exclude={"id", "policy"})
+        changes = self.model_dump(exclude_unset=True, exclude={"id", "policy", "output_guard"})
         merged = target.model_dump()
         merged.update(changes)
+        if self.output_guard is not None and "output_guard" in self.model_fields_set:  # merged field by field
+            merged["output_guard"] = {**target.output_guard.model_dump(),
+                                      **self.output_guard.model_dump(exclude_unset=True)}
         if self.policy is not None and "policy" in self.model_fields_set:
             given = self.policy.model_dump(exclude_unset=True)
             if self.policy.method == target.policy.method:
