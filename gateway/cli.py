@@ -21,6 +21,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
 train_app = typer.Typer(help="Train policy artefacts (ULD assistants).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+tune_app = typer.Typer(help="Tune a target's policy strength on its own examples and store it.", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
 app.add_typer(targets_app, name="targets")
 
 DEFAULT_DATA = Path("../shared/data")
@@ -285,6 +287,75 @@ def train_assistant_command(
     report = train_assistant(chosen, model, folder, AssistantRecipe(layers=depth, epochs=epochs), threads=threads)
     typer.echo(f"assistant for {len(chosen)} target(s), {report.layers} layers, {report.trainable_parameters:,} "
                f"LoRA parameters, {report.seconds / 60:.1f} min -> {report.path}")
+
+
+@tune_app.command("eco")
+def tune_eco_command(
+    target: Annotated[str, typer.Option("--target", help="target id (its policy must be eco, gaussian)")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="report file")] = None,
+    model: Annotated[str, typer.Option(help="the served model: 'demo' or a checkpoint folder")] = "demo",
+    retain_model: Annotated[Optional[str], typer.Option(
+        help="a model that never learned the target [default: demo-retain for demo]")] = None,
+    reference: Annotated[Optional[float], typer.Option(
+        help="the score to match instead of a retain model's (ROUGE-L recall in [0, 1])")] = None,
+    steps: Annotated[int, typer.Option(help="zeroth-order steps (2 evaluations of the examples each)")] = 10,
+    max_new_tokens: Annotated[int, typer.Option()] = 48,
+    store: Annotated[bool, typer.Option(help="write the sigma into the target's policy (--no-store: report only)")] = True,
+    url: Annotated[str, typer.Option("--url", envvar="UNLEARN_URL", help="gateway base URL")] = "http://127.0.0.1:8000",
+    admin_key: Annotated[Optional[str], typer.Option("--admin-key", envvar="UNLEARN_ADMIN_KEY",
+                                                     help="an admin key (or $UNLEARN_ADMIN_KEY)")] = None,
+) -> None:
+    """Search the target's ECO sigma so its examples are answered like a model that never learned it; store it."""
+    from tqdm import tqdm
+
+    from evals.tune_eco import ZerothOrderConfig, reference_recall, report_dict, tune_target
+    from gateway.admin.cli import AdminClient, AdminError, _fail
+    from gateway.engines.local import LocalEngine
+    from gateway.engines.policy import local_kit
+    from gateway.registry.targets import Target
+
+    if reference is None and retain_model is None:
+        if model != "demo":
+            raise typer.BadParameter("give --retain-model or --reference for a model other than demo")
+        retain_model = "demo-retain"
+    if reference is not None and not 0 <= reference <= 1:
+        raise typer.BadParameter("must lie in [0, 1]", param_hint="--reference")
+    try:
+        with AdminClient(url, admin_key) as client:
+            body = client.request("GET", f"/admin/targets/{target}").json()
+        found = Target.model_validate({k: v for k, v in body.items() if k != "policy_status"})
+    except AdminError as error:
+        _fail(error)
+    try:
+        source = "given" if reference is not None else f"retain model {retain_model}"
+        if reference is None:
+            typer.echo(f"reference: {retain_model} answering the {len(found.examples)} examples ...")
+            reference = reference_recall(found, retain_model, max_new_tokens)
+        engine = LocalEngine(model)
+        config = ZerothOrderConfig(steps=steps)
+        with tqdm(total=steps, desc=f"tune eco {found.id}", unit="step") as bar:
+            def on_step(entry: dict) -> None:
+                bar.update(1)
+                bar.set_postfix(sigma=f"{entry['best_sigma']:.3g}", loss=f"{entry['best_loss']:.3f}")
+
+            report = tune_target(found, engine, local_kit(engine), reference, source, config, max_new_tokens,
+                                 on_step)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if store:
+        try:
+            with AdminClient(url, admin_key) as client:
+                client.request("PATCH", f"/admin/targets/{found.id}",
+                               json={"policy": {"method": "eco", "sigma": report.sigma}})
+            report.stored = True
+        except AdminError as error:
+            _fail(error)
+    out = report_dict(report, config, model)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(out, indent=2) + "\n")
+    typer.echo(json.dumps(out["metrics"], indent=2))
 
 
 def main() -> None:
