@@ -8,7 +8,10 @@ Why this design:
   letters is stored under each of its one-letter deletions, and each prompt token looks up its own deletions,
   so candidate pairs come from hash look-ups (again independent of the number of targets); rapidfuzz's OSA
   distance then confirms them. A multi-word name may carry one misspelt word, never more.
-- An inflected form (one or two letters appended: "Weasleys", Russian case endings) counts as one typo.
+- An inflected form (one or two letters appended: "Weasleys", Russian case endings) counts as one typo; a name
+  of one short word (under six letters) takes such endings but no typo.
+- A common English word is spelt correctly, so it is never read as a typo of a name ("shape" is not "Snape",
+  "album" is not "Albus"): found as 3 of our 214 everyday prompts flagged by derived Harry Potter aliases.
 - A two-word name also matches with one or two capitalised middle names in between ("Stephen Edwin King").
 - Besides full names, a target's distinctive surname is a *partial* mention: on its own it is only evidence
   (several targets can share "Perry"), which the learned stage weighs; a full name or alias flags.
@@ -20,10 +23,12 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import ahocorasick
 from rapidfuzz.distance import OSA
+from wordfreq import zipf_frequency
 
 from classifiers.normalize import Normalized, normalize, normalize_pattern
 
@@ -31,7 +36,8 @@ MentionKind = Literal["exact", "fuzzy", "partial"]
 MIN_FUZZY_TOKEN = 3
 MIN_PARTIAL_TOKEN = 4
 MIN_SUFFIX_STEM = 4
-SUFFIX = 1  # an inflection ending counts as one typo
+SUFFIX = 1  # an inflection ending costs as much as one typo (but short names take endings, never typos)
+EVERYDAY_ZIPF = 3.5  # the bar classifiers.aliases uses for "not an everyday word"
 _SUFFIXES = {"jr", "sr", "ii", "iii", "iv"}
 
 
@@ -103,6 +109,13 @@ def target_patterns(name: str, aliases: Iterable[str]) -> TargetPatterns:
             partial.add(tokens[-1])
     partial -= full
     return TargetPatterns(tuple(sorted(full)), tuple(sorted(partial)))
+
+
+@lru_cache(maxsize=65_536)
+def everyday_word(word: str) -> bool:
+    """A common English word (more frequent than ~3 per million words): correctly spelt, so never read as a typo
+    of a name. Asked only for words that are one edit away from some name token, so it costs nothing per prompt."""
+    return zipf_frequency(word, "en") > EVERYDAY_ZIPF
 
 
 def _deletions(token: str) -> set[str]:
@@ -195,23 +208,28 @@ class LexicalMatcher:
             return []
         words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"[a-z0-9]+", norm.text)]
         matches: list[dict[str, int]] = []
+        inflected: list[set[str]] = []  # per word: the name tokens it is an inflection of (not a typo)
         for _, _, word in words:
             options: dict[str, int] = {word: 0}
+            endings: set[str] = set()
             for cut in (1, 2):  # inflected forms: "Weasleys", "Гермионы" (germiony), "Хогвартсе"
                 stem = word[:-cut]
-                if len(stem) >= MIN_SUFFIX_STEM and stem in self._name_tokens:
-                    options.setdefault(stem, SUFFIX)
+                if len(stem) >= MIN_SUFFIX_STEM and stem in self._name_tokens and stem not in options:
+                    options[stem] = SUFFIX
+                    endings.add(stem)
             if word not in self._name_tokens and len(word) >= MIN_FUZZY_TOKEN and word.isalpha():
-                seen: set[str] = set()
+                typos: dict[str, int] = {}
                 for key in (word, *_deletions(word)):
                     for token in self._deletes.get(key, ()):
-                        if token in seen:
+                        if token in typos or token in options:
                             continue
-                        seen.add(token)
                         distance = OSA.distance(word, token, score_cutoff=_max_distance(token))
                         if distance <= _max_distance(token):
-                            options.setdefault(token, distance)
+                            typos[token] = distance
+                if typos and not everyday_word(word):  # "shape" is a word, not a typo of "Snape"
+                    options.update(typos)
             matches.append(options)
+            inflected.append(endings)
         out: list[Mention] = []
         taken = {(m.target_id, m.start) for m in exact}
         for i, options in enumerate(matches):
@@ -229,7 +247,7 @@ class LexicalMatcher:
                             dk = matches[i + k][token]
                             total += dk
                             typos += int(dk > 0)
-                        short_typo = len(tokens) == 1 and len(tokens[0]) < 6 and d0 != SUFFIX
+                        short_typo = len(tokens) == 1 and len(tokens[0]) < 6 and first not in inflected[i]
                         if not ok or typos == 0 or typos > 1 or short_typo:
                             continue
                         start_norm, end_norm = words[i][0], words[i + len(tokens) - 1][1]

@@ -83,6 +83,20 @@ def test_lexical_exact_alias_typo_and_word_boundaries():
     assert not any("Vantremontville" in text[m.start:m.end] for m in found)
 
 
+def test_lexical_typos_never_come_from_common_words_or_short_names():
+    from classifiers.lexical import everyday_word
+
+    matcher = LexicalMatcher({"x": target_patterns("Orrin Castellane", ["Brandel", "Vorne"])})
+
+    def hits(text: str) -> list[str]:
+        return [text[m.start:m.end] for m in matcher.find([text]) if m.kind != "partial"]
+
+    assert hits("Who was Brandell?") == ["Brandell"]  # a typo of a longer name
+    assert everyday_word("branded") and hits("Which cattle were branded?") == []  # a real word, one edit away
+    assert hits("Tell me about the Vornes.") == ["Vornes"]  # a short name takes an ending ...
+    assert hits("Tell me about Vorme.") == []  # ... but no typo
+
+
 def test_lexical_other_scripts_and_partial_names():
     matcher = LexicalMatcher({t.id: target_patterns(t.name, t.aliases) for t in TARGETS})
     found = matcher.find(["Расскажите о духах, которые создала Мирей Дантаньяк.", "Was Korloff a composer?"])
