@@ -20,7 +20,17 @@ from collections.abc import Iterable
 from classifiers.normalize import normalize
 
 # Our own list of English function words and very common verbs (no distinctive content).
-STOPWORDS = frozenset(["#", "noqa:", "SIM905", "-", "a", "word", "list", "reads", "better", "as", "text", "a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any", "are", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did", "do", "does", "doing", "done", "down", "during", "each", "else", "ever", "every", "few", "for", "from", "further", "get", "gets", "got", "had", "has", "have", "having", "he", "her", "here", "hers", "herself", "him", "himself", "his", "how", "however", "i", "if", "in", "into", "is", "it", "its", "itself", "just", "know", "known", "let", "like", "made", "make", "many", "may", "me", "might", "more", "most", "much", "must", "my", "myself", "near", "never", "new", "no", "nor", "not", "now", "of", "off", "often", "on", "once", "one", "only", "or", "other", "our", "ours", "ourselves", "out", "over", "own", "please", "same", "say", "says", "she", "should", "so", "some", "such", "tell", "than", "that", "the", "their", "theirs", "them", "themselves", "then", "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up", "upon", "us", "use", "used", "very", "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom", "whose", "why", "will", "with", "within", "without", "would", "yes", "yet", "you", "your", "yours", "yourself", "yourselves", "name", "named", "called", "first", "last", "well", "way", "many", "much", "two", "three"])
+STOPWORDS = frozenset("""
+    a as about above after again against all also am an and any are at be because been before being below
+    between both but by can could did do does doing done down during each else ever every few for from further
+    get gets got had has have having he her here hers herself him himself his how however i if in into is it its
+    itself just know known let like made make many may me might more most much must my myself near never new no
+    nor not now of off often on once one only or other our ours ourselves out over own please same say says she
+    should so some such tell than that the their theirs them themselves then there these they this those through
+    to too under until up upon us use used very was we were what when where which while who whom whose why will
+    with within without would yes yet you your yours yourself yourselves name named called first last well way
+    two three
+""".split())
 
 _WORD = re.compile(r"[a-z0-9]+")
 
