@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -92,10 +92,11 @@ class OutputGuardIndexBuilder:
                             min(t.output_guard.window_tokens for t in guarded), encode, key)
 
 
-def request_guard(active: ActiveTargets | None, prompt: str) -> RequestGuard | None:
-    """The guard for one request on its pinned target set, or None when no target guards its output."""
+def request_guard(active: ActiveTargets | None, prompt: Iterable[str]) -> RequestGuard | None:
+    """The guard for one request on its pinned target set (``prompt``: the texts the client sent, joined only when
+    needed), or None when no target guards its output."""
     facts = active.indexes.get(OUTPUT_GUARD_INDEX) if active is not None else None
-    return RequestGuard(facts, prompt) if facts is not None else None
+    return RequestGuard(facts, "\n".join(prompt)) if facts is not None else None
 
 
 class RequestGuard:

@@ -10,8 +10,9 @@ when it recalls at least ``lexical_threshold`` of a fact's novel n-grams (and at
 Optional semantic check: sentence-embedding cosine of each window against each fact.
 
 Cost: ``FactIndex`` is built once per target set (the gateway rebuilds it on hot reload) and maps every content
-n-gram to the facts that hold it, so checking a window touches only the facts that share a word with it, however
-many targets are active. A request adds only its prompt's words (``OutputGuard``).
+n-gram to the facts that hold it (numpy arrays), so checking a window counts matches with one concatenate and one
+``np.bincount`` over the postings of its n-grams, and scores every fact in a few vector operations. A request adds only its prompt's
+words (``OutputGuard``).
 
 Stream modes (``StreamGuard``): ``hold`` buffers the whole answer and checks once at the end (nothing leaks, first
 byte late); ``window`` holds at most ``every_tokens`` tokens, checks them together with the tail of what was already
@@ -22,11 +23,11 @@ so its first few words may be out before the stream ends.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from evals.rouge import tokens as words_of
@@ -79,7 +80,8 @@ class FactIndex:
 
     facts: tuple[tuple[str, str], ...]  # (target_id, fact)
     grams: tuple[frozenset[Gram], ...]
-    postings: Mapping[Gram, tuple[int, ...]]  # n-gram -> indices of the facts holding it
+    sizes: np.ndarray  # (facts,) number of content n-grams of each fact
+    postings: Mapping[Gram, np.ndarray]  # n-gram -> indices of the facts holding it
     word_postings: Mapping[str, tuple[int, ...]]  # word -> indices of the facts whose n-grams use it
     ngram: int = 1
     semantic: tuple[torch.Tensor, torch.Tensor] | None = None  # (facts, dim) unit rows, (facts,) thresholds
@@ -109,7 +111,8 @@ class FactIndex:
             limits = [thresholds.get(t) for t, _ in facts]
             semantic = (encode([f for _, f in facts]),
                         torch.tensor([float("inf") if x is None else x for x in limits], dtype=torch.float32))
-        return cls(tuple(facts), tuple(grams), {g: tuple(v) for g, v in postings.items()},
+        return cls(tuple(facts), tuple(grams), np.array([len(g) for g in grams], dtype=np.int64),
+                   {g: np.array(v, dtype=np.int64) for g, v in postings.items()},
                    {w: tuple(v) for w, v in word_postings.items()}, ngram, semantic)
 
 
@@ -124,30 +127,29 @@ class OutputGuard:
         self.encode = encode
         self._said = frozenset(words_of(prompt))
         # Novel n-grams per fact; only facts that share a word with the prompt lose any.
-        self._novel: dict[int, int] = {}
-        for word in self._said:
-            for i in self.index.word_postings.get(word, ()):
-                if i not in self._novel:
-                    self._novel[i] = sum(1 for g in self.index.grams[i] if self._said.isdisjoint(g))
+        self._novel = self.index.sizes
+        touched = {i for word in self._said for i in self.index.word_postings.get(word, ())}
+        if touched:
+            self._novel = self._novel.copy()
+            for i in touched:
+                self._novel[i] = sum(1 for g in self.index.grams[i] if self._said.isdisjoint(g))
         self._fact_matrix: torch.Tensor | None = None
 
-    def _novel_count(self, i: int) -> int:
-        return self._novel.get(i, len(self.index.grams[i]))
-
     def _lexical(self, window: list[str]) -> Hit | None:
-        matched: Counter[int] = Counter()
-        for gram in content_grams(window, self.index.ngram):
-            if self._said.isdisjoint(gram):
-                matched.update(self.index.postings.get(gram, ()))
-        best: Hit | None = None
-        for i, count in matched.items():
-            novel = self._novel_count(i)
-            score = count / novel
-            if (score >= self.params.lexical_threshold and count >= min(self.params.min_matched, novel)
-                    and (best is None or score > best.score)):
-                target_id, fact = self.index.facts[i]
-                best = Hit(target_id, fact, score, "lexical", " ".join(window))
-        return best
+        lists = [self.index.postings[g] for g in content_grams(window, self.index.ngram)
+                 if g in self.index.postings and self._said.isdisjoint(g)]
+        if not lists:
+            return None
+        counts = np.bincount(np.concatenate(lists), minlength=len(self.index.facts))
+        novel = self._novel  # >= counts: a matched n-gram is novel by construction
+        scores = counts / np.maximum(novel, 1)
+        passing = (scores >= self.params.lexical_threshold) & (counts >= np.minimum(self.params.min_matched, novel))
+        passing &= counts > 0
+        if not passing.any():
+            return None
+        best = int(np.argmax(np.where(passing, scores, -1.0)))
+        target_id, fact = self.index.facts[best]
+        return Hit(target_id, fact, float(scores[best]), "lexical", " ".join(window))
 
     def _semantic(self, texts: list[str]) -> Hit | None:
         if self.encode is None or not self.index.facts or not texts:
@@ -194,6 +196,7 @@ class StreamGuard:
         self.hit: Hit | None = None
         self._text = ""
         self._released = 0  # characters of _text already released
+        self._released_words: list[int] = []  # start offsets of the released words (the overlap's source)
         self._pending_tokens = 0
 
     def push(self, delta: str) -> str:
@@ -221,13 +224,14 @@ class StreamGuard:
     def _checked(self, until: int) -> str:
         """Check ``_text[:until]`` from the start of the overlap (the last ``window_words`` released words) and
         release the unreleased part of it if clean."""
-        released_words = list(_WORD_SPAN.finditer(self._text, 0, self._released))
         overlap = self.guard.params.window_words
-        start = released_words[-overlap].start() if len(released_words) >= overlap else 0
+        start = self._released_words[-overlap] if len(self._released_words) >= overlap else 0
         if (hit := self.guard.check(self._text[start:until])) is not None:
             self.hit = hit
             return ""
         out = self._text[self._released:until]
+        self._released_words += [m.start() for m in _WORD_SPAN.finditer(self._text, self._released, until)]
+        del self._released_words[:-overlap]
         self._released = until
         return out
 

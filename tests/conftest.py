@@ -106,6 +106,15 @@ def demo_engine() -> LocalEngine:
 
 
 @pytest.fixture(scope="session")
+def classifier_encoder():
+    """One loaded sentence encoder for tests that start many gateways: pass it to their index builders
+    (``classifiers.index.IndexBuilder(encoder)``) instead of loading it again per gateway."""
+    from classifiers.encoder import load_encoder
+
+    return load_encoder()
+
+
+@pytest.fixture(scope="session")
 def local_gateway(demo_engine) -> Iterator[Server]:
     server = serve(create_app(Settings(), engine=demo_engine))
     yield server

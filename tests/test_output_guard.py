@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from classifiers.index import IndexBuilder as ClassifierIndexBuilder
 from gateway.app import create_app
 from gateway.output_guard import OutputGuardIndexBuilder, request_guard
 from gateway.registry import Target
@@ -73,7 +74,7 @@ def test_the_index_is_built_only_for_guarded_targets_and_reused_while_they_stay(
     plain = [Target.model_validate(carmen()), Target(name="Jane Doe", facts=["She lives in Oslo."])]
     assert builder.build(plain, None) is None  # nothing guards its output: the request path stays as it was
     active = ActiveTargets.build(1, plain, {"output_guard": builder.build(plain, None)})
-    assert request_guard(active, "anything") is None
+    assert request_guard(active, ["anything"]) is None
 
     guarded = [Target.model_validate(carmen({"mode": "window", "window_tokens": 8})),
                Target(name="Jane Doe", facts=["She lives in Oslo."],
@@ -87,18 +88,35 @@ def test_the_index_is_built_only_for_guarded_targets_and_reused_while_they_stay(
     assert builder.build([*guarded, Target(name="New One")], built) is built  # an unguarded newcomer changes nothing
 
 
+def test_a_target_can_ask_for_semantic_checks_that_catch_paraphrases():
+    facts = ["Carmen Montenegro writes historical fiction."]
+    targets = [Target(name="Carmen Montenegro", facts=facts,
+                      output_guard={"mode": "window", "semantic_threshold": 0.55}),
+               Target(name="Jane Doe", facts=["She lives in Oslo."], output_guard={"mode": "window"})]
+    built = OutputGuardIndexBuilder().build(targets, None)
+    guard = request_guard(ActiveTargets.build(1, targets, {"output_guard": built}), ["Tell me about a writer."]).guard
+    paraphrase = "The writer is known for fiction about history."
+    assert OutputGuard({"carmen-montenegro": facts}).check(paraphrase) is None  # no lexical hit: a paraphrase
+    hit = guard.check(paraphrase)
+    assert hit is not None and (hit.target_id, hit.kind) == ("carmen-montenegro", "semantic") and hit.score >= 0.55
+    assert guard.check("The weather in the mountains was cold and clear.") is None
+    assert guard.check("Jane moved somewhere in Norway.") is None  # Jane's target checks lexically only
+
+
 # -- end to end over both engines --------------------------------------------------------------------------------
 
 @pytest.fixture(params=["local", "vllm"])
-def gateway_and_admin(request, demo_engine, tmp_path):
+def gateway_and_admin(request, demo_engine, classifier_encoder, tmp_path):
+    # The gateway's own index builders, sharing one loaded sentence encoder across this module's gateways.
+    builders = (ClassifierIndexBuilder(classifier_encoder), OutputGuardIndexBuilder())
     if request.param == "local":
         settings = Settings(admin_keys=[ADMIN], store_path=tmp_path / "targets.db")
-        server = serve(create_app(settings, engine=demo_engine), ready_path="/ready")
+        server = serve(create_app(settings, engine=demo_engine, index_builders=builders), ready_path="/ready")
     else:
         worker = request.getfixturevalue("reference_worker")
         settings = Settings(admin_keys=[ADMIN], store_path=tmp_path / "targets.db", engine="vllm",
                             worker_urls=[worker.url])
-        server = serve(create_app(settings), ready_path="/ready")
+        server = serve(create_app(settings, index_builders=builders), ready_path="/ready")
     admin = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=60)
     yield server, admin
     admin.close()

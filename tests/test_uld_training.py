@@ -17,8 +17,10 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
+from classifiers.index import IndexBuilder as ClassifierIndexBuilder
 from gateway.app import create_app
 from gateway.cli import app as cli
+from gateway.output_guard import OutputGuardIndexBuilder
 from gateway.registry import PolicyStatus, Target, TargetStore, open_store
 from gateway.settings import Settings
 from gateway.training import LEASE_PREFIX, TRAINER_ACTOR, needs_training, shown_status, training_fingerprint
@@ -53,9 +55,15 @@ def run_on_store(settings: Settings, work: Callable[[TargetStore], object]):
     return asyncio.run(main())
 
 
+@pytest.fixture(scope="module")
+def builders(classifier_encoder) -> Callable[[], tuple]:
+    """The gateway's own index builders, sharing one loaded sentence encoder across this module's gateways."""
+    return lambda: (ClassifierIndexBuilder(classifier_encoder), OutputGuardIndexBuilder())
+
+
 @contextmanager
-def gateway(settings: Settings, engine=None) -> Iterator[tuple[Server, httpx.Client]]:
-    server = serve(create_app(settings, engine=engine), ready_path="/ready")
+def gateway(settings: Settings, builders, engine=None) -> Iterator[tuple[Server, httpx.Client]]:
+    server = serve(create_app(settings, engine=engine, index_builders=builders()), ready_path="/ready")
     admin = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=60)
     try:
         yield server, admin
@@ -155,7 +163,8 @@ def test_which_targets_need_training_and_what_they_show():
 
 # -- the background trainer end to end -----------------------------------------------------------------------------
 
-def test_a_uld_target_is_trained_in_the_background_and_then_served_with_uld(demo_engine, store_settings, tmp_path):
+def test_a_uld_target_is_trained_in_the_background_and_then_served_with_uld(demo_engine, builders, store_settings,
+                                                                             tmp_path):
     """Until its assistant is ready the target is enforced with its fallback; a training whose owner died (its
     lease held, its status stuck at 'training') is taken over once the lease lapses; the adapter is then
     registered through the store and requests are decoded with ULD."""
@@ -164,7 +173,7 @@ def test_a_uld_target_is_trained_in_the_background_and_then_served_with_uld(demo
     fingerprint = training_fingerprint(Target.model_validate(TARGET), "demo")
     stuck = PolicyStatus(state="training", progress=0.3, fingerprint=fingerprint, owner="dead-owner")
 
-    with gateway(settings, demo_engine) as (server, admin):
+    with gateway(settings, builders, demo_engine) as (server, admin):
         # A trainer that died mid-training holds the lease (it lapses after 6 s, not being renewed).
         assert run_on_store(settings, lambda s: s.acquire_lease(LEASE_PREFIX + TARGET_ID, "dead-owner", 6.0))
         created = admin.post("/admin/targets", json=TARGET)
@@ -198,12 +207,12 @@ def test_a_uld_target_is_trained_in_the_background_and_then_served_with_uld(demo
         assert [t["policy_status"]["state"] for t in listed] == ["ready"]
 
 
-def test_a_failed_training_is_reported_and_the_fallback_stays(demo_engine, tmp_path):
+def test_a_failed_training_is_reported_and_the_fallback_stays(demo_engine, builders, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the adapters folder should be")
     settings = Settings(admin_keys=[ADMIN], uld_auto_train=True, uld_train_epochs=1, uld_train_lease_s=1.0,
                         adapters_dir=blocker / "adapters", store_path=tmp_path / "targets.db")
-    with gateway(settings, demo_engine) as (server, admin):
+    with gateway(settings, builders, demo_engine) as (server, admin):
         assert admin.post("/admin/targets", json=TARGET).status_code == 201
         failed = wait_for(lambda: (s := status_of(admin))["state"] == "failed" and s, 60, "the training to fail")
         assert "NotADirectoryError" in failed["reason"] or "FileExistsError" in failed["reason"], failed
@@ -222,11 +231,11 @@ def test_a_failed_training_is_reported_and_the_fallback_stays(demo_engine, tmp_p
         assert got.exit_code == 0 and '"policy_status"' in got.stdout and '"failed"' in got.stdout
 
 
-def test_behind_vllm_nothing_trains_and_the_status_says_what_to_do(reference_worker, tmp_path):
+def test_behind_vllm_nothing_trains_and_the_status_says_what_to_do(reference_worker, builders, tmp_path):
     settings = Settings(admin_keys=[ADMIN], engine="vllm", worker_urls=[reference_worker.url],
                         store_path=tmp_path / "targets.db", uld_auto_train=None)
     assert not settings.trains_uld()
-    with gateway(settings) as (server, admin):
+    with gateway(settings, builders) as (server, admin):
         assert admin.post("/admin/targets", json=TARGET).status_code == 201
         status = status_of(admin)
         assert status["state"] == "pending" and "train assistant" in status["message"]

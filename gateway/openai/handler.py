@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -137,7 +137,7 @@ class OpenAIHandler:
             choice.request = self.unlearner.apply(verdict, choice.request)
         return None
 
-    def _output_guard(self, request: Request, prompt: str) -> RequestGuard | None:
+    def _output_guard(self, request: Request, prompt: Iterable[str]) -> RequestGuard | None:
         """Checks of the answer against the guarded targets' facts (every request: they catch classifier misses);
         None, at no cost, when no active target guards its output."""
         if self.unlearner is None:
@@ -168,7 +168,7 @@ class OpenAIHandler:
             messages = [Message(m.role, m.text()) for m in body.messages]
             verdict = await self._verdict(request, [messages])
         headers = self._decision_headers(verdict)
-        guard = self._output_guard(request, "\n".join(m.content for m in messages if isinstance(m.content, str)))
+        guard = self._output_guard(request, (m.content for m in messages if isinstance(m.content, str)))
         if messages_from_body and not verdict.flagged and guard is None:
             relayed = await self._relay("/v1/chat/completions", body, model, request, headers)
             if relayed is not None:
@@ -190,7 +190,7 @@ class OpenAIHandler:
         if prompts is None:
             verdict = await self._verdict(request, [[Message("user", p)] for p in body.prompts()])
         headers = self._decision_headers(verdict)
-        guard = self._output_guard(request, "\n".join(body.prompts())) if prompts is None else None
+        guard = self._output_guard(request, body.prompts()) if prompts is None else None
         if prompts is None:
             if not verdict.flagged and guard is None:
                 relayed = await self._relay("/v1/completions", body, model, request, headers)
