@@ -214,7 +214,7 @@ class UldTrainer:
             except _LeaseLost:
                 log.warning("ULD trainer: stopped training target %s (lease lost or shutting down)", target_id)
                 return
-            except Exception as exc:  # the reason is the status: the operator reads it on GET /admin/targets/{id}
+            except Exception as exc:  # noqa: BLE001 - any failure is the status's reason (GET /admin/targets/{id})
                 log.warning("ULD trainer: training target %s failed: %s", target_id, exc)
                 await self._put(target_id, "failed", fingerprint, reason=f"{type(exc).__name__}: {exc}")
                 return

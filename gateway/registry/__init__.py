@@ -5,6 +5,7 @@ implement it, ``changes`` holds the I/O-free decisions both share. Import the st
 the Redis client is loaded only when a Redis URL is configured.
 """
 
+from gateway.registry.status import PolicyState, PolicyStatus
 from gateway.registry.store import (
                                     ImportLineError,
                                     ImportMode,
@@ -16,7 +17,6 @@ from gateway.registry.store import (
                                     TargetStore,
                                     open_store,
 )
-from gateway.registry.status import PolicyState, PolicyStatus
 from gateway.registry.targets import (
                                     AuditEntry,
                                     EcoPolicy,
