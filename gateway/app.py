@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from gateway import __version__, health, metrics
 from gateway.admin import router as admin_router
@@ -17,8 +19,10 @@ from gateway.admin.handler import AdminHandler
 from gateway.auth import APIKeyMiddleware, KeySource, ensure_admin_key
 from gateway.engines import Engine, build_engine
 from gateway.errors import BadRequest, GatewayError
+from gateway.limits import BodySizeLimitMiddleware
 from gateway.openai import router as openai_router
 from gateway.openai.handler import OpenAIHandler
+from gateway.ratelimit import RateLimitMiddleware, build_limiter
 from gateway.output_guard import OutputGuardIndexBuilder
 from gateway.registry import TargetStore, open_store
 from gateway.registry.reload import IndexBuilder, TargetReloader
@@ -41,6 +45,21 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
                         status_code=status)
 
 
+def _reported(errors: Sequence[Any]) -> tuple[dict[str, Any], tuple]:
+    """The validation error to tell the client about, and where. A value that fits no member of a union (``stop``:
+    a string or a list) yields one error per member, each under a member tag (``stop.str``, ``stop.list[str]``):
+    report the first that is about the value rather than its type (the list is too long), under the field's path."""
+    if not errors:
+        return {"msg": "invalid request"}, ()
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+    loc = tuple(first.get("loc", ()))
+    for other in errors:  # another member of the same union: same parent path, the very same input value
+        other_loc = tuple(other.get("loc", ()))
+        if other_loc != loc and other_loc[:-1] == loc[:-1] and other.get("input") is first.get("input"):
+            return first, loc[:-1]  # without the member's tag
+    return first, loc
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
@@ -48,9 +67,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(loc) or None
+        first, loc = _reported(exc.errors())
+        param = ".".join(str(part) for part in loc if part != "body") or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
         return JSONResponse(BadRequest(message, param=param).envelope().model_dump(), status_code=400)
 
@@ -120,6 +138,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     reloader.swap_listeners.append(lambda _version, lag: instruments.observe_reload(lag))
     if tracer is None and settings.otel_endpoint:
         tracer = build_tracer(settings.otel_endpoint, settings.otel_service_name)
+    limiter = build_limiter(settings.rate_limit_rpm, settings.resolved_store_url(), settings.store_prefix)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -151,6 +170,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
                 await app.state.engine.aclose()
             if tracer is not None:
                 tracer.shutdown()
+            if limiter is not None:
+                await limiter.aclose()
 
     app = FastAPI(title="unlearn-gateway", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible gateway that makes a served model forget named targets.")
@@ -165,8 +186,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     app.include_router(metrics.router)
     _install_error_handlers(app)
     app.add_middleware(TargetsVersionMiddleware, reloader=reloader)  # inside auth: rejected requests skip it
+    # The admin import streams and caps its own body (up to 512 MiB); everything else is capped here.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, exempt=("/admin/targets/import",))
+    if limiter is not None:  # inside auth: counts by the key that authenticated; rejected requests never count
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, rpm=settings.rate_limit_rpm)
     app.add_middleware(APIKeyMiddleware, keys=KeySource(settings.api_keys, settings.api_keys_file),
-                       admin_keys=KeySource(admin_keys, settings.admin_keys_file))
+                       admin_keys=KeySource(admin_keys, settings.admin_keys_file), admin_port=settings.admin_port)
+    if settings.cors_origins:  # outside auth: preflight requests carry no key; error responses get the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                           allow_headers=["authorization", "content-type"],
+                           expose_headers=["x-unlearn-decision", "x-unlearn-targets-version", "retry-after"])
     app.add_middleware(TelemetryMiddleware, metrics=instruments, tracer=tracer,  # outermost: counts rejections too
                        config=TelemetryConfig(log_content=settings.log_content))
     return app

@@ -42,10 +42,12 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="listen port [default: 8000]")] = None,
     workers: Annotated[Optional[int], typer.Option(help="uvicorn worker processes [default: 1]")] = None,
 ) -> None:
-    """Run the gateway. With no configuration: the local engine with the demo model on 127.0.0.1:8000."""
-    import uvicorn
+    """Run the gateway. With no configuration: the local engine with the demo model on 127.0.0.1:8000.
 
+    With UNLEARN_ADMIN_PORT set, /admin is served on that port only (UNLEARN_ADMIN_HOST, default: the host) and
+    the OpenAI routes on --port only."""
     from gateway.auth import ensure_admin_key
+    from gateway.listeners import run_server
     from gateway.settings import Settings
     from gateway.telemetry.logs import uvicorn_log_config
     from gateway.telemetry.multiprocess import multiprocess_metrics
@@ -59,9 +61,10 @@ def serve(
     # JSON (or text) lines from every logger; our access log (gateway.telemetry) replaces uvicorn's.
     log_config = uvicorn_log_config(settings.log_format, settings.log_level)
     with multiprocess_metrics(settings.workers):  # /metrics sums counters over all workers
-        uvicorn.run("gateway.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=settings.log_level, loop="uvloop", http="httptools",
-                    log_config=log_config, access_log=False)
+        run_server("gateway.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                   admin_host=settings.admin_host, admin_port=settings.admin_port,
+                   workers=settings.workers, log_level=settings.log_level, loop="uvloop", http="httptools",
+                   log_config=log_config, access_log=False)
 
 
 @app.command()

@@ -61,6 +61,13 @@ class UnsupportedMediaType(GatewayError):
     type = "invalid_request_error"
 
 
+class RateLimited(GatewayError):
+    """A key sent more requests than ``UNLEARN_RATE_LIMIT_RPM`` allows; the response says when to retry."""
+
+    status = 429
+    type = "rate_limit_error"
+
+
 class NotInstalled(GatewayError):
     """A feature whose component is not installed in this build."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -64,6 +64,16 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="secrets file with more OpenAI-route keys, one per line; "
                                        "re-read when it changes (rotation without restart)")
     admin_keys_file: Path | None = Field(None, description="secrets file with more admin keys, one per line")
+    # Access and limits (gateway.auth, gateway.limits, gateway.ratelimit; README "Security").
+    admin_port: int | None = Field(None, ge=1, le=65535, description="serve /admin only on this port (and the "
+                                   "OpenAI routes only on `port`); empty = /admin on `port`")
+    admin_host: str | None = Field(None, description="listen address of admin_port; default: host")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest request body (413 above); "
+                                "/admin/targets/import has its own 512 MiB cap")
+    rate_limit_rpm: int = Field(0, ge=0, description="requests per minute per user key (per client address on "
+                                "an open gateway) on the OpenAI routes, shared through Redis; 0 = off")
+    cors_origins: CommaList = Field(default_factory=list, description="origins allowed by CORS (browser "
+                                    "clients); empty = CORS off")
     store_url: str = Field("", description="redis:// or rediss:// URL; empty = embedded file store")
     store_password_file: Path | None = Field(None, description="file holding the Redis password (a Docker or "
                                              "Kubernetes secret); it replaces any password in store_url")
@@ -100,14 +110,14 @@ class Settings(BaseSettings):
     metrics_max_target_labels: int = Field(1000, ge=0, description="distinct target ids per process that get "
                                            "their own flagged-requests series; the rest count as 'other'")
 
-    @field_validator("api_keys", "admin_keys", "worker_urls", mode="before")
+    @field_validator("api_keys", "admin_keys", "worker_urls", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("api_keys_file", "admin_keys_file", "store_password_file", "adapters_dir", "uld_auto_train",
+    @field_validator("api_keys_file", "admin_keys_file", "store_password_file", "admin_port", "admin_host", "adapters_dir", "uld_auto_train",
                      mode="before")
     @classmethod
     def _empty_is_none(cls, value):
@@ -122,6 +132,21 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: list[str]) -> list[str]:
         return [url.rstrip("/") for url in value]
+
+    def trains_uld(self) -> bool:
+        """``uld_auto_train`` with its engine-dependent default applied."""
+        return self.uld_auto_train if self.uld_auto_train is not None else self.engine == "local"
+
+    def resolved_adapters_dir(self) -> Path:
+        from models.assistant import default_adapters_dir
+
+        return self.adapters_dir or default_adapters_dir()
+
+    @model_validator(mode="after")
+    def _admin_port_is_another_port(self) -> Settings:
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ValueError(f"admin_port must differ from port ({self.port}); leave it empty to serve /admin there")
+        return self
 
     def trains_uld(self) -> bool:
         """``uld_auto_train`` with its engine-dependent default applied."""

@@ -7,6 +7,7 @@ first layers and trained with LoRA for one epoch), uvicorn on loopback, the admi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -205,6 +206,22 @@ def test_a_uld_target_is_trained_in_the_background_and_then_served_with_uld(demo
         assert version == registered and decision == "flagged; policy=uld"
         listed = admin.get("/admin/targets").json()["items"]
         assert [t["policy_status"]["state"] for t in listed] == ["ready"]
+
+
+def test_two_replicas_on_one_store_train_a_target_once(demo_engine, builders, redis_url, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.training")
+    shared = {"admin_keys": [ADMIN], "uld_auto_train": True, "uld_train_epochs": 1, "uld_train_lease_s": 1.0,
+              "adapters_dir": tmp_path / "adapters", "store_url": redis_url, "store_prefix": unique_prefix()}
+    with gateway(Settings(**shared), builders, demo_engine) as (_, admin), \
+            gateway(Settings(**shared), builders, demo_engine) as (second, second_admin):
+        assert admin.post("/admin/targets", json=TARGET).status_code == 201
+        wait_for(lambda: status_of(second_admin)["state"] == "ready", 120, "the assistant to be trained")
+        time.sleep(2.5)  # both trainers rescan twice more (lease 1 s): neither trains it again
+        trained = [r for r in caplog.records if r.getMessage().startswith("ULD trainer: training the assistant")]
+        assert len(trained) == 1
+        assert len(list((tmp_path / "adapters").iterdir())) == 1
+        wait_until_served(second, second_admin)
+        assert ask(second, FORGET_Q)[1] == "flagged; policy=uld"  # the other replica serves it with ULD too
 
 
 def test_a_failed_training_is_reported_and_the_fallback_stays(demo_engine, builders, tmp_path):
