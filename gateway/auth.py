@@ -10,7 +10,12 @@ Two kinds of keys, never interchangeable (ARCHITECTURE §8):
 Keys are held only as SHA-256 hashes and compared in constant time against every stored hash. A secrets file is
 re-read when it changes (checked at most once a second), so keys rotate without a restart. The id of the key
 that authenticated a request (first 8 hex digits of its hash, never the key) is put in ``scope["state"]
-["key_id"]``: the admin API records it as the actor of every write.
+["key_id"]``: the admin API records it as the actor of every write, and the rate limiter counts by it.
+
+Admin port (``UNLEARN_ADMIN_PORT``): when set, the server listens on two ports and this middleware routes by the
+port a connection came in on (the ASGI ``scope["server"]``): ``/admin`` answers only on the admin port, every other
+non-public route only on the main port; the wrong port answers 404, whatever the key. One app serves both, so
+both see the same targets, reloader and metrics. The public paths (health, readiness, metrics, docs) answer on both.
 """
 
 from __future__ import annotations
@@ -169,18 +174,23 @@ def is_admin_path(path: str) -> bool:
     return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
 
 
+def local_port(scope: Scope) -> int | None:
+    server = scope.get("server")
+    return server[1] if server else None
+
+
 @dataclass(frozen=True)
 class Denial:
     status: int
     message: str
-    code: str
+    code: str | None
 
 
 async def _deny(scope: Scope, send: Send, denial: Denial) -> None:
     if scope["type"] != "http":  # a websocket: refuse the handshake (the server answers 403)
         await send({"type": "websocket.close", "code": 1008})
         return
-    type_ = "authentication_error" if denial.status == 401 else "permission_error"
+    type_ = {401: "authentication_error", 404: "not_found_error"}.get(denial.status, "permission_error")
     body = json.dumps({"error": {"message": denial.message, "type": type_, "param": None,
                                  "code": denial.code}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -191,16 +201,21 @@ async def _deny(scope: Scope, send: Send, denial: Denial) -> None:
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: KeySource | KeyRing, admin_keys: KeySource | KeyRing | None = None):
+    def __init__(self, app: ASGIApp, keys: KeySource | KeyRing, admin_keys: KeySource | KeyRing | None = None,
+                 admin_port: int | None = None):
         self.app = app
+        self.admin_port = admin_port
         self.keys = keys if isinstance(keys, KeySource) else KeySource(keys)
         self.admin_keys = admin_keys if isinstance(admin_keys, KeySource) else KeySource(admin_keys or KeyRing())
         if not self.keys.configured:
             log.warning("UNLEARN_API_KEYS is empty: the OpenAI routes are OPEN to anyone who can reach this port "
                         "(development only)")
 
-    def decide(self, path: str, token: str | None) -> str | None | Denial:
-        """The id of the key that may use ``path``, None for an open route, or why the request is refused."""
+    def decide(self, path: str, token: str | None, port: int | None = None) -> str | None | Denial:
+        """The id of the key that may use ``path`` (reached on ``port``), None for an open route, or why the request
+        is refused."""
+        if self.admin_port is not None and is_admin_path(path) != (port == self.admin_port):
+            return Denial(404, "Not Found", None)  # exactly what an unknown route answers: nothing to learn
         if is_admin_path(path):
             found = self.admin_keys.match(token) if token is not None else None
             if found is not None:
@@ -226,7 +241,7 @@ class APIKeyMiddleware:
         if scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)  # lifespan, and the public paths
             return
-        decision = self.decide(scope["path"], bearer_token(scope))
+        decision = self.decide(scope["path"], bearer_token(scope), local_port(scope))
         if isinstance(decision, Denial):
             await _deny(scope, send, decision)
             return

@@ -21,6 +21,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+        outside[0] = False  # explicitly: a top_p below float32's range (5e-324) compares as 0 and keeps nothing
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

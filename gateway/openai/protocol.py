@@ -2,7 +2,11 @@
 
 Unknown request fields are ignored, as vLLM and OpenAI do, and never forwarded: the upstream request is
 rebuilt from the fields declared here, so no client field can reach an engine's extensions
-(``vllm_xargs``, ``bad_words``, ``prompt_embeds`` ...) and switch a policy off.
+(``vllm_xargs``, ``bad_words``, ``prompt_embeds`` ...) and switch a policy off. Content parts are rebuilt
+too (type and text only), so nothing travels inside a part either.
+
+Text fields refuse lone surrogates (JSON ``"\ud800"``): they are not text, and no tokenizer, UTF-8 encoder or
+upstream would take them further down the path.
 """
 
 from __future__ import annotations
@@ -10,38 +14,57 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 16
 
 
+def _encodable(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"invalid text: a lone UTF-16 surrogate at character {exc.start}") from None
+    return value
+
+
+def _all_encodable(value: str | list[str] | None) -> str | list[str] | None:
+    """For ``str | list[str]`` fields: checked after the union is resolved, so errors name the field alone."""
+    for item in [value] if isinstance(value, str) else value or ():
+        if isinstance(item, str):  # (the reference worker's prompt may also be token ids)
+            _encodable(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON NaN / Infinity: 400, not a number
 
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    name: Text | None = None
 
     @field_validator("content")
     @classmethod
     def _text_parts_only(cls, value):
         if not isinstance(value, list):
-            return value
+            return _all_encodable(value)
         for i, part in enumerate(value):
             kind = part.get("type")
             if kind == "prompt_embeds":
                 raise ValueError(f"content part {i}: 'prompt_embeds' parts are not accepted from clients")
             if kind != "text" or not isinstance(part.get("text"), str):
                 raise ValueError(f"content part {i}: only text parts are supported (got type {kind!r})")
-        return value
+        return [{"type": "text", "text": _encodable(part["text"])} for part in value]
 
     def text(self) -> str:
         if self.content is None:
@@ -56,16 +79,27 @@ class StreamOptions(_Request):
 
 
 class _SamplingFields(_Request):
-    model: str | None = None
+    model: Text | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as OpenAI and vLLM take it
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
+
+    _stop_is_text = field_validator("stop")(_all_encodable)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_client_embeddings(cls, data: Any) -> Any:
+        # Refused, not ignored: a client sending embeddings expects them used, and silently generating from the
+        # text instead would mislead it. (The reference worker's request models declare the field and take it.)
+        if isinstance(data, dict) and "prompt_embeds" in data and "prompt_embeds" not in cls.model_fields:
+            raise ValueError("'prompt_embeds' is not accepted from clients: send text")
+        return data
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -94,6 +128,8 @@ class CompletionRequest(_SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
+
+    _prompt_is_text = field_validator("prompt")(_all_encodable)
 
     model_config = ConfigDict(
         extra="ignore", json_schema_extra={"examples": [{"model": "demo", "prompt": "<|user|>\nHello<|end|>\n"}]}
