@@ -27,6 +27,7 @@ from gateway.output_guard import OutputGuardIndexBuilder
 from gateway.registry import TargetStore, open_store
 from gateway.registry.reload import IndexBuilder, TargetReloader
 from gateway.settings import Settings
+from gateway.shutdown import ShutdownMiddleware
 from gateway.targets_middleware import TargetsVersionMiddleware
 from gateway.telemetry.engine import instrument
 from gateway.telemetry.middleware import TelemetryConfig, TelemetryMiddleware
@@ -150,7 +151,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
             await reloader.start()
             await app.state.engine.start()
             # The handler sees the engine through the telemetry wrapper (upstream time, upstream errors).
-            unlearner = Unlearner(_policy_kit(settings, app.state.engine), settings.engine)
+            unlearner = Unlearner(_policy_kit(settings, app.state.engine), settings.engine,
+                                  fail_mode=settings.fail_mode, classify_timeout_s=settings.classify_timeout_s)
             app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments), unlearner)
             app.state.admin_handler = AdminHandler(target_store, reloader, PolicyStatusView(
                 target_store, settings.model, settings.trains_uld()))
@@ -185,7 +187,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     app.include_router(health.router)
     app.include_router(metrics.router)
     _install_error_handlers(app)
-    app.add_middleware(TargetsVersionMiddleware, reloader=reloader)  # inside auth: rejected requests skip it
+    app.add_middleware(ShutdownMiddleware)  # innermost: a request cut by shutdown still gets an answer, counted
+    app.add_middleware(TargetsVersionMiddleware, reloader=reloader,  # inside auth: rejected requests skip it
+                       fail_mode=settings.fail_mode)
     # The admin import streams and caps its own body (up to 512 MiB); everything else is capped here.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, exempt=("/admin/targets/import",))
     if limiter is not None:  # inside auth: counts by the key that authenticated; rejected requests never count

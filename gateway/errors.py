@@ -82,9 +82,20 @@ class UpstreamError(GatewayError):
     type = "upstream_error"
 
 
+class UpstreamTimeout(UpstreamError):
+    """No worker sent its first token (or next byte) in time."""
+
+    status = 504
+
+
 class Unavailable(GatewayError):
     status = 503
     type = "service_unavailable"
+
+
+class ClassificationUnavailable(Unavailable):
+    """A request could not be classified, so it is not served (fail closed). ``code`` says why:
+    ``classifier_error``, ``classifier_timeout``, ``classifier_index_missing`` or ``targets_not_loaded``."""
 
 
 class OutputWithheld(GatewayError):

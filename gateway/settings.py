@@ -89,9 +89,20 @@ class Settings(BaseSettings):
     worker_urls: CommaList = Field(default_factory=list, description="vLLM or reference worker base URLs")
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
-    upstream_retries: int = Field(2, ge=0, description="extra workers tried on connect errors (never mid-stream)")
+    upstream_first_token_timeout_s: float = Field(60.0, gt=0, description="streamed requests: seconds a worker "
+                                                  "may take to send its first token before the request moves to "
+                                                  "another worker (non-streamed ones: upstream_read_timeout_s)")
+    upstream_retries: int = Field(2, ge=0, description="extra workers tried when one fails before its first token "
+                                  "(refused, reset, first-token timeout); never once output has started")
     health_interval_s: float = Field(5.0, gt=0, description="seconds between worker health checks")
     local_max_concurrency: int = Field(8, ge=1, description="requests the local engine decodes at once")
+    # Fail closed: what a request gets when it cannot be classified (classifier error or timeout, no index yet).
+    fail_mode: Literal["error", "refuse"] = Field("error", description="error: 503; refuse: the target-agnostic "
+                                                  "refusal. Never an unguarded answer")
+    classify_timeout_s: float = Field(2.0, gt=0, description="seconds a request's classification may take before "
+                                      "it fails closed")
+    shutdown_grace_s: float = Field(25.0, ge=0, description="on SIGTERM: seconds in-flight requests get to finish; "
+                                    "streams still open then end with an error frame and [DONE]")
     # ULD assistants trained in the background for `uld` targets without an adapter (gateway.training).
     uld_auto_train: bool | None = Field(None, description="train ULD assistants on this host; empty = on for the "
                                         "local engine, off for vllm (train elsewhere, register the adapter by path)")

@@ -7,7 +7,9 @@ and the classifier must use that object: the request is then judged against exac
 names, even if a reload swaps the set while it runs.
 
 Fail closed: until a worker has loaded the target set once, it refuses generation requests (503) instead of
-serving them with no targets at all. After the first load it always has a last good set, whatever the store does.
+serving them with no targets at all; with ``fail_mode="refuse"`` it passes them on with the not-loaded placeholder
+pinned and the unlearning step answers with the refusal. After the first load it always has a last good set,
+whatever the store does.
 
 ``/admin`` responses are left alone: they report the version of the data they read or wrote themselves.
 """
@@ -20,21 +22,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import is_admin_path
 from gateway.registry.reload import TargetReloader
+from gateway.telemetry.context import RequestTelemetry
 
 HEADER = b"x-unlearn-targets-version"
 
 
 class TargetsVersionMiddleware:
-    def __init__(self, app: ASGIApp, reloader: TargetReloader):
+    def __init__(self, app: ASGIApp, reloader: TargetReloader, fail_mode: str = "error"):
         self.app = app
         self.reloader = reloader
+        self.answer_unloaded = fail_mode == "error"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_admin_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         active = self.reloader.current
-        if not active.loaded and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+        if (not active.loaded and self.answer_unloaded and scope["method"] == "POST"
+                and scope["path"].startswith("/v1/")):
+            telemetry = scope["state"].get("telemetry") if "state" in scope else None
+            if isinstance(telemetry, RequestTelemetry):
+                telemetry.record_fail_closed("targets_not_loaded")
             await _not_loaded(send)
             return
         scope.setdefault("state", {})["targets"] = active

@@ -7,18 +7,26 @@ version. The policy math stays in ``policies/``; ``gateway.engines.policy.Policy
 Choosing among several matched targets: the strictest method wins (``STRICTNESS``), applied with the union of
 the matched targets' names and facts. No request field takes part in any of this, so none can switch a policy
 off. A ULD target without a trained assistant (or behind the vLLM engine, where ULD needs the lock-step pool) is
-enforced with its stated fallback, never left unenforced. Classification errors fail closed (503).
+enforced with its stated fallback, never left unenforced.
+
+Fail closed: a request that cannot be classified (the classifier raises or overruns ``classify_timeout_s``, the
+index is missing, the worker has not loaded the targets yet) is never served unguarded. ``fail_mode="error"``
+answers 503 (``ClassificationUnavailable``, its ``code`` the reason); ``fail_mode="refuse"`` answers with the
+target-agnostic refusal instead (a ``Verdict`` with ``unclassified`` set). The handler counts either as a
+fail-closed event, apart from intentional interventions (flagged requests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gateway.engines.base import GenerationRequest, Message
 from gateway.engines.policy import message_text
-from gateway.errors import Unavailable
+from gateway.errors import ClassificationUnavailable
 from gateway.registry.reload import ActiveTargets
 from gateway.registry.targets import EcoPolicy, Target
 
@@ -27,6 +35,7 @@ log = logging.getLogger(__name__)
 # refuse never generates; GUARD forbids the facts' tokens outright; ECO blinds the prompt; ULD only reweighs.
 STRICTNESS = {"refuse": 4, "guard": 3, "eco": 2, "uld": 1}
 CLASSIFIER_INDEX = "classifier"
+FailMode = Literal["error", "refuse"]
 
 
 @dataclass(frozen=True)
@@ -37,10 +46,13 @@ class Verdict:
     method: str | None = None  # the policy applied
     targets: tuple[Target, ...] = ()
     spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # message index -> char spans
+    unclassified: str | None = None  # why classification could not run, when fail_mode="refuse" answered for it
 
     @property
     def header(self) -> str:
         # The target list is an admin secret (it names people who asked to be forgotten): say only what happened.
+        if self.unclassified is not None:
+            return f"unclassified; policy={self.method}"
         return f"flagged; policy={self.method}" if self.flagged else "clean"
 
     def names(self) -> list[str]:
@@ -55,10 +67,13 @@ def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
 
 
 class Unlearner:
-    def __init__(self, kit, engine_kind: str):
-        """``kit``: a ``PolicyKit`` for the served model; ``engine_kind``: "local" or "vllm"."""
+    def __init__(self, kit, engine_kind: str, *, fail_mode: FailMode = "error", classify_timeout_s: float = 2.0):
+        """``kit``: a ``PolicyKit`` for the served model; ``engine_kind``: "local" or "vllm"; ``fail_mode`` and
+        ``classify_timeout_s``: see the module docstring."""
         self.kit = kit
         self.engine_kind = engine_kind
+        self.fail_mode = fail_mode
+        self.classify_timeout_s = classify_timeout_s
         self._classifier = None
 
     async def aclose(self) -> None:
@@ -75,16 +90,37 @@ class Unlearner:
         return self._classifier
 
     async def verdict(self, active: ActiveTargets | None, messages: Sequence[Message]) -> Verdict:
+        """The verdict on one conversation; raises ``ClassificationUnavailable`` when it cannot be classified
+        and ``fail_mode`` is "error"."""
+        try:
+            return await self._judge(active, messages)
+        except ClassificationUnavailable as failure:
+            if self.fail_mode != "refuse":
+                raise
+            log.warning("request failed closed with the refusal: %s", failure.code)
+            return Verdict(True, "refuse", unclassified=failure.code)
+
+    async def _judge(self, active: ActiveTargets | None, messages: Sequence[Message]) -> Verdict:
+        if active is not None and not active.loaded:
+            raise ClassificationUnavailable("the forget targets are not loaded yet; try again shortly",
+                                            code="targets_not_loaded")
         if active is None or not any(t.enabled for t in active.targets):
             return CLEAN
         index = active.indexes.get(CLASSIFIER_INDEX)
         if index is None:  # targets exist but their index is missing: refuse to guess
-            raise Unavailable("the classifier index is not built yet; try again shortly")
+            raise ClassificationUnavailable("the classifier index is not built yet; try again shortly",
+                                            code="classifier_index_missing")
         try:
-            decision = await self._classifier_for(index).classify(_conversation(messages))
+            async with asyncio.timeout(self.classify_timeout_s):
+                decision = await self._classifier_for(index).classify(_conversation(messages))
+        except TimeoutError as exc:  # a slow answer is no answer: never treated as "clean"
+            log.error("classification took longer than %.3f s", self.classify_timeout_s)
+            raise ClassificationUnavailable("the request could not be classified in time; try again shortly",
+                                            code="classifier_timeout") from exc
         except Exception as exc:  # fail closed: an unclassified request is never served unguarded
             log.exception("classification failed")
-            raise Unavailable("the request could not be classified; try again shortly") from exc
+            raise ClassificationUnavailable("the request could not be classified; try again shortly",
+                                            code="classifier_error") from exc
         if not decision.flagged:
             return CLEAN
         targets = tuple(active.by_id[t] for t in decision.targets if t in active.by_id and active.by_id[t].enabled)

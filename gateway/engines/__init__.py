@@ -29,6 +29,7 @@ def build_engine(settings: Settings) -> Engine:
             served_model_name=settings.served_model_name,
             connect_timeout_s=settings.upstream_connect_timeout_s,
             read_timeout_s=settings.upstream_read_timeout_s,
+            first_token_timeout_s=settings.upstream_first_token_timeout_s,
             retries=settings.upstream_retries,
             health_interval_s=settings.health_interval_s,
         )

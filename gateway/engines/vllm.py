@@ -2,7 +2,11 @@
 
 - Pooled keep-alive connections, connect and read timeouts.
 - Several workers: round-robin over the healthy ones; a background task probes ``/health``.
-- Retries only on connect errors, i.e. before the worker has seen the request: never after a first token.
+- Retries only before the first token: a worker that refuses the connection, resets or closes it, or sends no
+  first byte within ``first_token_timeout_s`` (streamed requests) is marked unhealthy and the request moves to the
+  next worker. Nothing has reached the client then, so a retry never duplicates output. Once bytes flow, a broken
+  stream ends the body with ``UpstreamError`` (the handler turns it into a final SSE error frame, or a 502).
+  Non-streamed answers come in one piece at the end, so only ``read_timeout_s`` bounds a silent worker there.
 - Two ways to serve: ``generate`` parses the stream into deltas (what policies need), ``relay`` forwards
   the worker's bytes untouched (plain requests: no per-chunk JSON work in the hot path).
 
@@ -24,13 +28,15 @@ from typing import Any
 import aiohttp
 
 from gateway.engines.base import EmbedsPart, GenerationDelta, GenerationRequest, Message, TokenLogprob
-from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable, UpstreamError
+from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.prompt_embeds import encode_embeds
 
 log = logging.getLogger(__name__)
 
 
 _JSON = {"content-type": "application/json"}
+# What a misbehaving worker raises: refused/reset/closed connections, broken bodies, our deadlines, socket timeouts.
+_WORKER_FAULTS = (aiohttp.ClientError, TimeoutError)
 
 
 @dataclass
@@ -71,7 +77,8 @@ def _wire_content(message: Message) -> str | list[dict[str, str]]:
 
 class VLLMEngine:
     def __init__(self, urls: list[str], served_model_name: str | None = None, connect_timeout_s: float = 5.0,
-                 read_timeout_s: float = 600.0, retries: int = 2, health_interval_s: float = 5.0):
+                 read_timeout_s: float = 600.0, retries: int = 2, health_interval_s: float = 5.0,
+                 first_token_timeout_s: float = 60.0):
         if not urls:
             raise ValueError("the vLLM engine needs at least one worker URL")
         self.workers = [Worker(u.rstrip("/")) for u in urls]
@@ -79,6 +86,7 @@ class VLLMEngine:
         self._names: list[str] = [served_model_name] if served_model_name else []
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
         self._retries = retries
+        self._first_token_timeout_s = first_token_timeout_s
         self._health_interval_s = health_interval_s
         self._next = 0
         self._session: aiohttp.ClientSession | None = None
@@ -120,7 +128,7 @@ class VLLMEngine:
             try:
                 async with self.session.get(f"{worker.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     healthy = r.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (aiohttp.ClientError, TimeoutError):
                 healthy = False
             if healthy != worker.healthy:
                 log.warning("worker %s is now %s", worker.url, "healthy" if healthy else "UNHEALTHY")
@@ -141,7 +149,7 @@ class VLLMEngine:
                 async with self.session.get(f"{worker.url}/v1/models") as response:
                     if response.status == 200:
                         return [m["id"] for m in (await response.json())["data"]]
-            except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
+            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError):
                 continue
         return []
 
@@ -157,44 +165,69 @@ class VLLMEngine:
                     return self.workers[index]
         return None
 
-    async def _post(self, path: str, payload: bytes) -> aiohttp.ClientResponse:
-        """POST to a worker; move on to the next one only when the connection could not be made."""
+    def _mark_unhealthy(self, worker: Worker, why: str) -> None:
+        """Route around ``worker`` until the health probe finds it answering again."""
+        if worker.healthy:
+            log.warning("worker %s is now UNHEALTHY: %s", worker.url, why)
+        worker.healthy = False
+
+    async def _open(self, worker: Worker, path: str, payload: bytes, stream: bool
+                    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """POST to one worker and wait for the first bytes of its answer (a streamed one within the first-token
+        timeout). Worker faults raise one of ``_WORKER_FAULTS``; an error answer raises its ``GatewayError``."""
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(self._first_token_timeout_s if stream else None):
+                response = await self.session.post(f"{worker.url}{path}", data=payload, headers=_JSON)
+                if response.status != 200:
+                    raw = await response.read()
+                    response.release()
+                    raise _upstream_error(response.status, raw)
+                first = await response.content.readany()
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        if not first:
+            response.close()
+            raise aiohttp.ServerDisconnectedError("the worker ended its answer before the first byte")
+        return response, first
+
+    async def _body(self, worker: Worker, response: aiohttp.ClientResponse, first: bytes) -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in response.content.iter_any():
+                yield chunk
+        except _WORKER_FAULTS as exc:  # output has started: no retry, the client gets a clean error instead
+            self._mark_unhealthy(worker, f"stream broke: {exc!r}")
+            raise UpstreamError(f"the worker stream broke: {exc!r}") from exc
+        finally:
+            response.close()
+
+    # -- serving ---------------------------------------------------------------------------------------------
+    async def relay(self, path: str, payload: bytes, *, stream: bool = False) -> Relayed:
+        """Send a sanitised OpenAI request (JSON bytes) and pass the answer through; ``stream``: the payload asks
+        for SSE (the first-token timeout applies). Errors become ``GatewayError``s; see the module docstring for
+        which worker faults move the request to another worker."""
         tried: set[int] = set()
-        last_error: Exception | None = None
+        last_error: BaseException | None = None
         for _ in range(self._retries + 1):
             worker = self._pick(tried)
             if worker is None:
                 break
             try:
-                return await self.session.post(f"{worker.url}{path}", data=payload, headers=_JSON)
-            except aiohttp.ClientConnectorError as exc:
-                worker.healthy = False
+                response, first = await self._open(worker, path, payload, stream)
+            except _WORKER_FAULTS as exc:
+                self._mark_unhealthy(worker, f"failed before its first token: {exc!r}")
                 last_error = exc
-                log.warning("worker %s refused the connection: %s", worker.url, exc)
-        raise Unavailable(f"no inference worker reachable ({last_error})")
-
-    # -- serving ---------------------------------------------------------------------------------------------
-    async def relay(self, path: str, payload: bytes) -> Relayed:
-        """Send a sanitised OpenAI request (JSON bytes) and pass the answer through. Errors become
-        ``GatewayError``s."""
-        response = await self._post(path, payload)
-        if response.status != 200:
-            raw = await response.read()
-            response.release()
-            raise _upstream_error(response.status, raw)
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in response.content.iter_any():
-                    yield chunk
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                log.warning("worker stream broke: %s", exc)
-                error = UpstreamError(f"the worker stream broke: {exc}").envelope().model_dump()
-                yield b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
-            finally:
-                response.close()
-
-        return Relayed(response.status, response.headers.get("content-type", "application/json"), body())
+                continue
+            return Relayed(response.status, response.headers.get("content-type", "application/json"),
+                           self._body(worker, response, first))
+        if isinstance(last_error, TimeoutError):
+            raise UpstreamTimeout(f"no inference worker sent a first token in time ({last_error!r})")
+        if last_error is None or isinstance(last_error, aiohttp.ClientConnectorError):
+            raise Unavailable(f"no inference worker reachable ({last_error})")
+        raise UpstreamError(f"the inference workers failed before answering ({last_error!r})")
 
     def _payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         if request.logits_processors or request.assistant is not None:
@@ -228,7 +261,7 @@ class VLLMEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         path, payload = self._payload(request)
-        relayed = await self.relay(path, json.dumps(payload).encode())
+        relayed = await self.relay(path, json.dumps(payload).encode(), stream=True)
         chat = path.endswith("chat/completions")
         pending: GenerationDelta | None = None
         buffer = b""

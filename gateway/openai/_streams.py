@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _END = object()
@@ -19,6 +24,14 @@ DONE = b"data: [DONE]\n\n"
 
 def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def error_frames(exc: BaseException) -> bytes:
+    """How a started event stream reports a failure: one ``data: {"error": ...}`` frame, then ``[DONE]``."""
+    if isinstance(exc, GatewayError):
+        return sse(exc.envelope().model_dump()) + DONE
+    return sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
+                          "code": None}}) + DONE
 
 
 async def primed(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
@@ -99,7 +112,9 @@ class EventStreamResponse(Response):
     """An ASGI response streaming bytes as they come; a client disconnect cancels the stream at once.
 
     Starlette's StreamingResponse needs a task group per response on uvicorn (ASGI spec 2.3); this costs one
-    watcher task, and cancels the producer even while it waits for the next upstream chunk.
+    watcher task, and cancels the producer even while it waits for the next upstream chunk. A producer that fails
+    after the first byte (a worker dying mid-stream) ends an event stream with ``error_frames``, never with a
+    dropped connection.
     """
 
     def __init__(self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None,
@@ -125,8 +140,15 @@ class EventStreamResponse(Response):
         watcher = asyncio.ensure_future(watch())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except Exception as exc:
+                if not self.media_type.startswith("text/event-stream"):
+                    raise
+                if not isinstance(exc, GatewayError):
+                    log.exception("event stream failed after its first byte")
+                await send({"type": "http.response.body", "body": error_frames(exc), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not disconnected:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.engines.base import Engine, GenerationDelta, GenerationRequest, Message, SamplingParams, TokenLogprob
-from gateway.errors import GatewayError, NotFound, Unavailable
+from gateway.errors import ClassificationUnavailable, GatewayError, NotFound, Unavailable
 from gateway.openai._streams import DONE, EventStreamResponse, merge, primed, sse, unless_disconnected
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from gateway.output_guard import RequestGuard, request_guard
@@ -116,12 +116,22 @@ class OpenAIHandler:
             return CLEAN
         active = getattr(request.state, "targets", None)
         started = time.perf_counter()
-        verdicts = [await self.unlearner.verdict(active, messages) for messages in conversations]
+        telemetry = current_request()
+        try:
+            verdicts = [await self.unlearner.verdict(active, messages) for messages in conversations]
+        except ClassificationUnavailable as failure:  # fail closed with a 503: counted apart from interventions
+            if telemetry is not None:
+                telemetry.record_fail_closed(failure.code or "classifier_error")
+            raise
         flagged = [v for v in verdicts if v.flagged]
         verdict = max(flagged, key=lambda v: STRICTNESS[v.method or "uld"]) if flagged else CLEAN
-        if (telemetry := current_request()) is not None:
-            telemetry.record_decision(verdict.flagged, [t.id for t in verdict.targets], verdict.method,
-                                      time.perf_counter() - started)
+        if telemetry is not None:
+            unclassified = next((v.unclassified for v in verdicts if v.unclassified is not None), None)
+            if unclassified is not None:  # fail_mode=refuse answered for it: a fail-closed event, not a flag
+                telemetry.record_fail_closed(unclassified, "refuse")
+            else:
+                telemetry.record_decision(verdict.flagged, [t.id for t in verdict.targets], verdict.method,
+                                          time.perf_counter() - started)
         return verdict
 
     def _decision_headers(self, verdict: Verdict) -> dict[str, str]:
@@ -236,7 +246,7 @@ class OpenAIHandler:
         if relay is None:
             return None
         payload = body.model_copy(update={"model": model}).model_dump_json(exclude_none=True).encode()
-        relayed = await relay(path, payload)
+        relayed = await relay(path, payload, stream=bool(body.stream))
         if body.stream:
             return EventStreamResponse(relayed.body, media_type=relayed.content_type, headers=headers)
         content = await unless_disconnected(request, _read_all(relayed.body))

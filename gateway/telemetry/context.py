@@ -21,6 +21,7 @@ from time import perf_counter
 DECISION_NONE = "none"  # no classification ran for this request (other routes, or the classifier is not wired)
 DECISION_FLAGGED = "flagged"
 DECISION_UNFLAGGED = "unflagged"
+DECISION_FAIL_CLOSED = "fail_closed"  # classification could not run: 503, or the refusal (fail_mode=refuse)
 POLICY_NONE = "none"
 
 _current: ContextVar[RequestTelemetry | None] = ContextVar("unlearn_request_telemetry", default=None)
@@ -39,6 +40,7 @@ class RequestTelemetry:
     upstream_seconds: float = 0.0
     upstream_waits: int = 0  # how many engine awaits were measured; 0 = overhead not measurable
     upstream_error: str | None = None
+    fail_closed: str | None = None  # why classification could not run (``ClassificationUnavailable.code``)
     _active: int = 0
     _active_since: float = 0.0
 
@@ -52,6 +54,14 @@ class RequestTelemetry:
         self.policy = (policy or POLICY_NONE) if flagged else POLICY_NONE
         if classifier_seconds is not None:
             self.classifier_seconds = classifier_seconds
+
+    def record_fail_closed(self, reason: str, policy: str | None = None) -> None:
+        """Called when the request could not be classified and was failed closed: answered 503 (``policy`` None)
+        or with the refusal (``policy="refuse"``). Counted apart from intentional interventions."""
+        self.decision = DECISION_FAIL_CLOSED
+        self.fail_closed = reason
+        self.targets = ()
+        self.policy = policy or POLICY_NONE
 
     def record_classifier_time(self, seconds: float) -> None:
         self.classifier_seconds = (self.classifier_seconds or 0.0) + seconds

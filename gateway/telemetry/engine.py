@@ -18,7 +18,7 @@ from time import perf_counter
 from typing import Any, TypeVar
 
 from gateway.engines.base import Engine, GenerationDelta, GenerationRequest
-from gateway.errors import GatewayError, Unavailable, UpstreamError
+from gateway.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.telemetry.context import RequestTelemetry, current_request
 from gateway.telemetry.instruments import GatewayMetrics
 
@@ -32,6 +32,8 @@ def _kind(exc: BaseException, started: bool) -> str | None:
     """The upstream-error kind of an engine exception, or None when it is the client's fault or a cancel."""
     if isinstance(exc, Unavailable):
         return "unavailable"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
     if isinstance(exc, UpstreamError):
         return "stream" if started else "status"
     if isinstance(exc, (GatewayError, asyncio.CancelledError, GeneratorExit)):
@@ -107,12 +109,12 @@ def _nothing() -> None:
 class InstrumentedRelayEngine(InstrumentedEngine):
     """For engines that relay bytes (the vLLM engine): times the request up to the worker's response head too."""
 
-    async def relay(self, path: str, payload: bytes) -> Any:
+    async def relay(self, path: str, payload: bytes, *, stream: bool = False) -> Any:
         telemetry = current_request()
         if telemetry is not None:
             telemetry.upstream_enter()
         try:
-            relayed = await self.inner.relay(path, payload)  # type: ignore[attr-defined]
+            relayed = await self.inner.relay(path, payload, stream=stream)  # type: ignore[attr-defined]
         except BaseException as exc:
             self._failed(exc, False, telemetry)
             raise

@@ -50,8 +50,14 @@ class GatewayMetrics:
         self.aborts = Counter("unlearn_stream_aborts", "Requests whose client disconnected before the response "
                               "was complete", ["route"], registry=registry)
         self.upstream_errors = Counter("unlearn_upstream_errors", "Engine failures seen by requests: unavailable "
-                                       "(no worker reachable), status (worker error answer), stream (broke "
-                                       "mid-stream), other", ["kind"], registry=registry)
+                                       "(no worker reachable), timeout (no first token in time), status (worker "
+                                       "error answer), stream (broke mid-stream), other", ["kind"],
+                                       registry=registry)
+        # Errors, never interventions: a request the classifier flagged is unlearn_requests_total{decision=flagged}.
+        self.fail_closed = Counter("unlearn_fail_closed", "Requests failed closed because classification could "
+                                   "not run (answered 503, or the refusal with fail_mode=refuse; never "
+                                   "unguarded), by reason: classifier_error, classifier_timeout, "
+                                   "classifier_index_missing, targets_not_loaded", ["reason"], registry=registry)
         self.reload_lag = Histogram("unlearn_targets_reload_lag_seconds", "From this worker learning of a newer "
                                     "target set version (notification or resync) to serving it",
                                     buckets=RELOAD_BUCKETS, registry=registry)

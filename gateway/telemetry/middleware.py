@@ -179,6 +179,8 @@ class TelemetryMiddleware:
             metrics.classifier.observe(telemetry.classifier_seconds)
         if telemetry.targets:
             metrics.count_flagged(telemetry.targets)
+        if telemetry.fail_closed is not None:
+            metrics.fail_closed.labels(telemetry.fail_closed).inc()
         if aborted:
             aborts.inc()
 
@@ -195,6 +197,7 @@ class TelemetryMiddleware:
                 else round(telemetry.classifier_seconds * 1000, 3),
                 "decision": telemetry.decision, "policy": telemetry.policy, "targets_count": len(telemetry.targets),
                 "stream": streaming, "aborted": aborted, "upstream_error": telemetry.upstream_error,
+                "fail_closed": telemetry.fail_closed,
                 "key_id": scope.get("state", {}).get("key_id"),
             }
         if span is not None and fields is not None:
