@@ -1,9 +1,10 @@
 """Request body size limit as a pure ASGI middleware (``UNLEARN_MAX_BODY_BYTES``): 413 in the OpenAI envelope.
 
-A declared ``Content-Length`` over the limit is refused before a byte of the body is read. A body without one
-(``Transfer-Encoding: chunked``) is counted as it arrives and refused as soon as it passes the limit. Either
-way the app never holds more than the limit in memory. The body is read here in full and handed to the app as one
-message; later ``receive`` calls go to the server, so the handlers still see the client disconnect.
+A declared ``Content-Length`` over the limit is refused before a byte of the body is read; one within it passes
+straight through (the server never delivers more than it declares), so the common case costs one header scan. A
+body without one (``Transfer-Encoding: chunked``) is read here as it arrives, refused as soon as it passes the
+limit, and handed to the app as one message; later ``receive`` calls go to the server, so the handlers still see
+the client disconnect. Either way the app never holds more than the limit in memory.
 
 Paths in ``exempt`` keep their own cap (the admin import takes documents up to 512 MiB and streams them).
 """
@@ -27,11 +28,15 @@ async def send_error(send: Send, error: GatewayError, headers: Iterable[tuple[by
     await send({"type": "http.response.body", "body": body})
 
 
-def declared_length(scope: Scope) -> int | None:
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """The declared ``Content-Length`` (None if absent or unreadable) and whether the body is chunked."""
+    length, chunked = None, False
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
+            length = int(value) if value.isdigit() else None
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked
 
 
 class BodySizeLimitMiddleware:
@@ -48,10 +53,13 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
-        declared = declared_length(scope)
+        declared, chunked = _framing(scope)
         if declared is not None and declared > self.max_bytes:
             # Connection: close, since the body is left unread on the socket.
             await send_error(send, self._too_large(), [(b"connection", b"close")])
+            return
+        if not chunked:  # a declared length within the limit, or no body at all
+            await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
