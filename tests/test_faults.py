@@ -275,7 +275,7 @@ def test_redis_killed_and_restarted_under_flagged_and_clean_traffic(demo_engine,
             killed_at = time.monotonic()
             redis_server.kill()
             wait_until(lambda: httpx.get(server.url + "/ready").status_code == 503, 10, "not ready after the grace")
-            wait_until(lambda: traffic.count_since(killed_at) >= 4, 120, "traffic during the outage")
+            wait_until(lambda: traffic.count_since(killed_at) >= 6, 120, "traffic during the outage")
             redis_server.start()
             restarted_at = time.monotonic()
             wait_until(lambda: httpx.get(server.url + "/ready").status_code == 200, 15, "ready again")
