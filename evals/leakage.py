@@ -37,11 +37,11 @@ from gateway.engines.policy import PolicyKit, local_kit
 from gateway.registry.targets import EcoPolicy, GuardPolicy, Target, UldPolicy
 from policies.eco import EcoParams
 from policies.guard import GuardParams, generic_words, load_sentence_encoder
-from policies.uld import UldParams
+from policies.uld import UldParams, uld_params
 
 log = logging.getLogger(__name__)
 
-POLICY_ARMS = ("eco", "eco-prompt", "guard", "uld", "uld-minkeep")
+POLICY_ARMS = ("eco", "eco-entity", "guard", "uld", "uld-paper")
 ULD_PUBLISHED = {"forget_quality": 0.99, "model_utility": 0.62, "setting": "TOFU forget01, Llama-2-7B (ULD Table 2)"}
 Progress = Callable[[str], None]
 
@@ -90,33 +90,38 @@ def _plain(question: str, max_tokens: int, rid: str = "eval") -> GenerationReque
 
 
 class Arms:
-    """Builds each arm's request for a question and the targets it flags."""
+    """Builds each arm's request for a question and the targets it flags.
+
+    ``eco``, ``guard`` and ``uld`` are the registry's default policies (what a target gets when its policy names
+    only the method); the other arms record alternatives next to them: ``eco-entity`` corrupts only the flagged
+    name spans, ``uld-paper`` decodes with ULD's relative-top rule alone (no ``min_keep``).
+    """
 
     def __init__(self, kit: PolicyKit, assistant: str):
         self.kit = kit
         self.assistant = assistant
-        self.eco = EcoParams.from_policy(EcoPolicy())
+        self.eco_policy = EcoPolicy()
+        self.eco = EcoParams.from_policy(self.eco_policy)
         self.guard = GuardParams.from_policy(GuardPolicy())
-        self.uld = UldParams.from_policy(UldPolicy())
-        vocab = len(kit.tokenizer)
-        # ULD's released code keeps at least floor(alpha * |V|) tokens in its filter.
-        self.uld_minkeep = UldParams(self.uld.weight, self.uld.alpha, int(self.uld.alpha * vocab))
+        self.uld = uld_params(UldPolicy(), len(kit.tokenizer))
+        self.uld_paper = UldParams(self.uld.weight, self.uld.alpha, 0)
+
+    def uld_for(self, arm: str) -> UldParams:
+        return self.uld_paper if arm == "uld-paper" else self.uld
 
     def request(self, arm: str, question: str, flagged: Sequence[Target], max_tokens: int) -> GenerationRequest:
         request = _plain(question, max_tokens)
         if not flagged or arm in ("none", "retain"):
             return request
-        if arm == "eco":  # the brief's ECO: the author's name occurrences are the flagged spans
-            names = [n for t in flagged for n in (t.name, *t.aliases)]
-            return self.kit.eco(request, names, self.eco)
-        if arm == "eco-prompt":  # EcoPolicy(scope="prompt"): every prompt token but the last
-            return self.kit.eco(request, [], self.eco, scope="prompt")
+        names = [n for t in flagged for n in (t.name, *t.aliases)]
+        if arm == "eco":
+            return self.kit.eco(request, names, self.eco, scope=self.eco_policy.scope)
+        if arm == "eco-entity":  # the author's name occurrences are the flagged spans (a lexical classifier's)
+            return self.kit.eco(request, names, self.eco, scope="entity")
         if arm == "guard":
             return self.kit.guard_processor_request(request, [t.facts for t in flagged], self.guard)
-        if arm == "uld":
-            return self.kit.uld_request(request, self.assistant, self.uld)
-        if arm == "uld-minkeep":
-            return self.kit.uld_request(request, self.assistant, self.uld_minkeep)
+        if arm in ("uld", "uld-paper"):
+            return self.kit.uld_request(request, self.assistant, self.uld_for(arm))
         raise ValueError(f"unknown arm {arm!r}")
 
 
@@ -264,7 +269,7 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
         values = []
         for qa in suite.forget_eval:
             request = arms.request(name, qa.question, [by_author[qa.author]], n)
-            params = arms.uld_minkeep if name == "uld-minkeep" else arms.uld
+            params = arms.uld_for(name)
             nlls = answer_nlls(engine, request, [qa.paraphrased_answer, *qa.perturbed_answers], params)
             values.append(truth_stat(nlls[0], nlls[1:]))
         stats[name] = values

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ORDER = ("none", "eco", "eco-prompt", "guard", "uld", "uld-minkeep", "retain")
-LABELS = {"none": "no policy (full twin)", "eco": "ECO (name spans)", "eco-prompt": "ECO (whole prompt)",
-          "guard": "GUARD", "uld": "ULD", "uld-minkeep": "ULD (code's min-keep filter)",
+ORDER = ("none", "eco", "eco-entity", "guard", "uld", "uld-paper", "retain")
+LABELS = {"none": "no policy (full twin)", "eco": "ECO (default: whole prompt)", "eco-entity": "ECO (name spans only)",
+          "guard": "GUARD", "uld": "ULD (default)", "uld-paper": "ULD (relative-top filter alone)",
           "retain": "retain twin (reference)"}
 
 

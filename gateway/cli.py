@@ -247,7 +247,7 @@ def eval_leakage(
     per_author: Annotated[int, typer.Option(help="held-out questions per forget / retain author (20 each)")] = 5,
     extra_questions: Annotated[int, typer.Option(help="real_authors / world_facts questions for utility")] = 50,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
-    arms: Annotated[str, typer.Option(help="comma-separated policies")] = "eco,eco-prompt,guard,uld,uld-minkeep",
+    arms: Annotated[str, typer.Option(help="comma-separated policies")] = "eco,eco-entity,guard,uld,uld-paper",
     assistant: Annotated[Optional[Path], typer.Option(help="trained ULD assistant [default: train one]")] = None,
     adapters_dir: Annotated[Optional[Path], typer.Option(help="where a trained assistant is kept")] = None,
 ) -> None:

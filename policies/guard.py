@@ -9,7 +9,8 @@ phrase's continuation is blocked after any prefix and its first token is penalis
 Pipeline (every step pure; the sentence encoder is passed in):
 1. ``FactRetriever``: the facts nearest the prompt by sentence-embedding cosine (the paper retrieves answers).
 2. ``extract_forbidden``: content words and entities (capitalised runs, numbers, quoted titles) of those facts,
-   minus words the prompt already contains (the user said them; echoing them leaks nothing).
+   minus the prompt's ordinary words (the user said them; echoing them leaks nothing) - but never minus an entity:
+   once the model has written the target's name it recites what it knows about them.
 3. ``compile_tables``: tokenizer variants (leading space or not, capitalised, lower case) become one dense
    per-token penalty vector and a right-aligned, padded prefix table of phrases.
 4. ``apply_guard``: one subtraction of the penalty vector, one broadcast comparison of the last W generated
@@ -160,28 +161,54 @@ def _content(word: str) -> bool:
     return lowered not in STOPWORDS and (len(word) >= 3 or word.isdigit())
 
 
+def _capitalised_runs(words: Sequence[str]) -> list[list[str]]:
+    """Runs of >= 2 capitalised words (a number may continue one): names, places, titles."""
+    runs: list[list[str]] = []
+    run: list[str] = []
+    for word in [*words, ""]:
+        if word[:1].isupper() or (run and word.isdigit()):
+            run.append(word)
+            continue
+        if len(run) >= 2 and any(_content(w) for w in run):
+            runs.append(run)
+        run = []
+    return runs
+
+
+def _entity_words(fact: str) -> set[str]:
+    """Lower-cased content words that ``fact`` names as entities: words of capitalised runs, and capitalised
+    words that do not open a sentence, a quote or a bracket."""
+    words = {w.lower() for run in _capitalised_runs(_words(fact)) for w in run if _content(w)}
+    for match in _WORD.finditer(fact):
+        word = match.group(0).split("'")[0]
+        before = fact[:match.start()].rstrip()
+        if word[:1].isupper() and _content(word) and before and before[-1] not in ".!?:;\"“‘'(":
+            words.add(word.lower())
+    return words
+
+
 def extract_forbidden(facts: Iterable[str], prompt: str = "", generic: frozenset[str] = frozenset()) -> ForbiddenSet:
-    """Content words and entities of ``facts``, without the words ``prompt`` already contains or ``generic`` ones."""
-    said = {w.lower() for w in _words(prompt)} | generic
+    """Content words and entities of ``facts``, less ``generic`` words and the prompt's ordinary words.
+
+    Entities (names, places, titles) stay forbidden even when the prompt says them. Why: the memorised knowledge
+    hangs on them. Echoing the user's ordinary words leaks nothing, but a model that has just written "Carmen
+    Montenegro" goes on to recite what it knows about her, while a model that never learned her cannot echo her
+    name into an answer. GUARD's forbidden set holds the entity itself for the same reason.
+    """
+    said = {w.lower() for w in _words(prompt)}
     words: dict[str, None] = {}
     phrases: dict[str, None] = {}
     for fact in facts:
-        tokens = _words(fact)
-        for word in tokens:
-            if _content(word) and word.lower() not in said:
+        entities = _entity_words(fact) - generic
+        for word in _words(fact):
+            lowered = word.lower()
+            if _content(word) and lowered not in generic and (lowered not in said or lowered in entities):
                 words[word] = None
-        run: list[str] = []  # capitalised runs: names, places, titles
-        for word in tokens + [""]:
-            if word[:1].isupper() or (run and word.isdigit()):
-                run.append(word)
-                continue
-            if len(run) >= 2 and any(_content(w) for w in run):
-                phrase = " ".join(run)
-                if not all(w.lower() in said or not _content(w) for w in run):
-                    phrases[phrase] = None
-            run = []
+        for run in _capitalised_runs(_words(fact)):
+            if any(w.lower() in entities for w in run):
+                phrases[" ".join(run)] = None
         for quoted in _QUOTED.findall(fact):
-            if len(quoted.split()) >= 2 and quoted.lower() not in prompt.lower():
+            if len(quoted.split()) >= 2:
                 phrases[quoted.strip()] = None
     return ForbiddenSet(tuple(words), tuple(phrases))
 

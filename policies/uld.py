@@ -43,6 +43,19 @@ class UldParams:
         return cls(float(policy.weight), float(policy.alpha), int(getattr(policy, "min_keep", 0)))
 
 
+def reference_min_keep(alpha: float, vocab_size: int) -> int:
+    """The filter's floor in ULD's released code: at least ``floor(alpha * |V|)`` tokens are kept."""
+    return int(alpha * vocab_size)
+
+
+def uld_params(policy, vocab_size: int) -> UldParams:
+    """From a ``UldPolicy`` on a model with ``vocab_size`` tokens; ``min_keep=None`` means ULD code's floor."""
+    min_keep = getattr(policy, "min_keep", 0)
+    if min_keep is None:
+        min_keep = reference_min_keep(float(policy.alpha), vocab_size)
+    return UldParams(float(policy.weight), float(policy.alpha), int(min_keep))
+
+
 def relative_top_mask(target_logits: torch.Tensor, alpha: float, min_keep: int = 0) -> torch.Tensor:
     """True where the target finds a token plausible: ``log p_t >= max log p_t + log alpha`` (last dim), or
     among its ``min_keep`` most likely tokens."""
@@ -114,4 +127,4 @@ def scores_tensor(combined: Mapping[int, float], vocab_size: int) -> torch.Tenso
 
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_WEIGHT", "UldParams", "combine", "combine_top_logprobs", "combiner",
-           "lockstep_threshold", "relative_top_mask", "scores_tensor"]
+           "lockstep_threshold", "reference_min_keep", "relative_top_mask", "scores_tensor", "uld_params"]

@@ -122,11 +122,18 @@ def test_vectorised_guard_equals_the_naive_reference(mode):
             assert torch.equal(fast[r], slow), (trial, r)
 
 
-def test_forbidden_words_skip_the_prompt_and_generic_words():
+def test_forbidden_words_skip_the_prompts_ordinary_words_and_generic_words_but_never_its_entities():
     forbidden = extract_forbidden([FACT], QUESTION)
     assert "Historical" in forbidden.words and "predominantly" in forbidden.words
-    assert not {"Carmen", "Montenegro", "genre", "the", "in"} & set(forbidden.words)
-    assert "Historical Fiction" in forbidden.phrases
+    assert not {"genre", "write", "the", "in"} & set(forbidden.words)  # the user's ordinary words may be echoed
+    # The name is the key the memorised facts hang on: forbidden although the prompt says it.
+    assert {"Carmen", "Montenegro"} <= set(forbidden.words)
+    assert {"Historical Fiction", "Carmen Montenegro"} <= set(forbidden.phrases)
+    # A capitalised word inside a sentence is an entity; one that opens a sentence is not.
+    said = "Where does the author of the book live? Readers ask about Santiago."
+    facts = ["Readers love her. She lives in Santiago."]
+    assert set(extract_forbidden(facts, said).words) == {"love", "lives", "Santiago"}
+    assert "Carmen Montenegro" not in extract_forbidden([FACT], QUESTION, frozenset({"carmen", "montenegro"})).phrases
     groups = [[f"{name} writes in the genre of mystery."] for name in "abcdefgh"] + [[FACT]]
     assert "writes" in generic_words(groups) and "historical" not in generic_words(groups)
 
@@ -139,7 +146,8 @@ def test_guard_builder_variants_cover_case_and_leading_space(tokenizer):
     for variant in (" Historical", "Historical", " historical"):
         ids = builder.encode(variant)
         assert out[ids[0]] < 0, variant  # single token: forbidden; multi-token: first token penalised
-    assert out[builder.encode(" Carmen")[0]] == 0  # the user's own words stay free
+    assert out[builder.encode(" genre")[0]] == 0  # the user's ordinary words stay free
+    assert out[builder.encode(" Carmen")[0]] == -math.inf  # the target's name does not, though the user said it
 
 
 def test_guard_xargs_round_trip_and_validation():

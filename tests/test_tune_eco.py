@@ -88,7 +88,7 @@ def test_tune_eco_searches_and_stores_sigma(gw, tmp_path):
     stored = httpx.get(gw.url + "/admin/targets/carmen-montenegro",
                        headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert stored["policy"]["sigma"] == pytest.approx(metrics["sigma"])
-    assert stored["policy"]["scope"] == "entity"  # only sigma changed
+    assert stored["policy"]["scope"] == "prompt"  # only sigma changed (the default scope)
 
 
 def test_tune_eco_refuses_other_policies_and_unknown_targets(gw):

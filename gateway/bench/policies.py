@@ -28,6 +28,7 @@ from gateway import __version__
 from gateway.engines.base import GenerationRequest, Message, SamplingParams
 from gateway.engines.local import LocalEngine
 from gateway.engines.policy import local_kit
+from gateway.registry.targets import EcoPolicy
 from policies.eco import EcoParams
 from policies.guard import GuardProcessor, apply_guard, compile_tables, history_window
 from policies.processors import LogitBias
@@ -96,7 +97,8 @@ def run_policies_bench(repeats: int = 15, tokens: int = 32, model: str = "demo")
     layers = int(main.model.config.num_hidden_layers)
     assistant_layers = max(1, math.ceil(layers / 4))
     kit = local_kit(engine)
-    eco = EcoParams()
+    eco_policy = EcoPolicy()  # the registry default (its scope decides how many prompt tokens are corrupted)
+    eco = EcoParams.from_policy(eco_policy)
 
     with tempfile.TemporaryDirectory() as tmp:
         from models.assistant import truncated_model
@@ -128,7 +130,8 @@ def run_policies_bench(repeats: int = 15, tokens: int = 32, model: str = "demo")
                 runs["ttft_plain"].append(await _timed(
                     engine, GenerationRequest("p", first, messages=[Message("user", QUESTION)]), started))
                 started = time.perf_counter()
-                request = kit.eco(GenerationRequest("e", first, messages=[Message("user", QUESTION)]), [NAME], eco)
+                request = kit.eco(GenerationRequest("e", first, messages=[Message("user", QUESTION)]), [NAME], eco,
+                                  scope=eco_policy.scope)
                 runs["ttft_eco"].append(await _timed(engine, request, started))
             return runs
 

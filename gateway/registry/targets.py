@@ -58,7 +58,9 @@ class EcoPolicy(BaseModel):
     corruption: Literal["gaussian", "zero", "flip"] = "gaussian"
     sigma: float = Field(1.0, ge=0)
     dims: int | None = Field(None, ge=1, description="embedding dimensions corrupted; None = all")
-    scope: Literal["entity", "prompt"] = "entity"
+    # "prompt" (every token of the flagged message but the last) is ECO's rule for non-entity tasks; "entity" (the
+    # flagged spans only) suits models whose knowledge hangs on the name, which a memorising model's is not (README).
+    scope: Literal["entity", "prompt"] = "prompt"
     seed: int | None = None
 
 
