@@ -32,7 +32,7 @@ from gateway.limits import send_error
 log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
-REDIS_TIMEOUT_S = 0.5  # a slow Redis may add at most this to a request before it is skipped
+REDIS_TIMEOUT_S = 0.5  # connect / socket timeout; one limiter call is capped at twice this
 REDIS_RETRY_S = 5.0  # after a Redis error, the per-process limit is used for this long before Redis is tried again
 
 # KEYS[1]: the key's theoretical arrival time (microseconds, Redis clock). ARGV: interval and capacity in us.

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -43,11 +44,17 @@ ENVELOPE_FIELDS = {"message", "type", "param", "code"}
 
 @pytest.fixture(scope="module")
 def fuzz_gateway(demo_engine, redis_url) -> Iterator[Server]:
-    settings_ = Settings(api_keys=[USER_KEY], admin_keys=[ADMIN_KEY], store_url=redis_url,
-                         store_prefix=unique_prefix())
+    """The fuzzer writes junk targets: under a prefix of its own, deleted afterwards (a shared Redis stays clean)."""
+    prefix = unique_prefix()
+    settings_ = Settings(api_keys=[USER_KEY], admin_keys=[ADMIN_KEY], store_url=redis_url, store_prefix=prefix)
     server = serve(create_app(settings_, engine=demo_engine), ready_path="/ready")
     yield server
     server.stop()
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start:start + 1000])
+    client.close()
 
 
 def _bounded(path: str, body: Any) -> None:
