@@ -65,14 +65,14 @@ async def test_open_loop_keeps_its_schedule_and_accounts_for_every_request():
 
 def test_short_load_run_finds_a_rate_holds_it_with_zero_errors(tmp_path: Path):
     # The demo's two authors as targets (no benchmark data needed; their index builds in seconds).
-    report = run_load_bench(duration_s=8, upstreams=("synthetic",), gateway_workers=1, step_s=2.5,
-                            sample_interval_s=1, data_dir=None, max_rate=9)
+    report = run_load_bench(duration_s=6, upstreams=("synthetic",), gateway_workers=1, step_s=2,
+                            sample_interval_s=1, data_dir=None, max_rate=6)
     assert report["bench"] == "load" and report["version"] == gateway.__version__
     metrics = report["metrics"]["synthetic"]
     hold, search, memory = metrics["hold"], metrics["find_max"], metrics["memory"]
 
     rates = [s["offered_rate_per_s"] for s in search["steps"]]
-    assert rates[0] == START_RATE["synthetic"] and max(rates) <= 9
+    assert rates[0] == START_RATE["synthetic"] and max(rates) <= 6
     assert all(isinstance(s["passed"], bool) and s["sent"] > 0 for s in search["steps"])
     passed = [s["offered_rate_per_s"] for s in search["steps"] if s["passed"]]
     assert search["held_rate_per_s"] == (max(passed) if passed else START_RATE["synthetic"])
@@ -100,3 +100,14 @@ def test_short_load_run_finds_a_rate_holds_it_with_zero_errors(tmp_path: Path):
     md = write_report(report, tmp_path / "load.json")
     assert json.loads((tmp_path / "load.json").read_text())["metrics"]["errors_synthetic"] == 0
     assert "## synthetic" in md.read_text() and (tmp_path / "load-synthetic.png").stat().st_size > 10_000
+
+
+def test_cli_takes_a_rate_or_find_max_not_both():
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "load", "--rate", "5", "--find-max"])
+    assert result.exit_code == 2 and "not both" in result.output
+    result = CliRunner().invoke(app, ["bench", "load", "--upstream", "vllm"])
+    assert result.exit_code == 2 and "both" in result.output

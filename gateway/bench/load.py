@@ -278,6 +278,9 @@ def memory_summary(samples: Sequence[MemorySample], warmup_s: float) -> dict[str
     rss = [s.gateway_rss_mb or 0.0 for s in hold]
     fitted = [s for s in hold if s.t_s >= hold[0].t_s + warmup_s]
     fit = linear_slope_per_min([s.t_s for s in fitted], [s.gateway_rss_mb or 0.0 for s in fitted])
+    # A leak grows in both halves; a one-time step (a code path's first use, an arena) only in the first.
+    late = [s for s in hold if s.t_s >= (hold[0].t_s + hold[-1].t_s) / 2]
+    late_fit = linear_slope_per_min([s.t_s for s in late], [s.gateway_rss_mb or 0.0 for s in late])
     upstream = [s for s in fitted if s.upstream_rss_mb is not None]
     upstream_fit = linear_slope_per_min([s.t_s for s in upstream], [s.upstream_rss_mb or 0.0 for s in upstream])
     out |= {
@@ -285,6 +288,7 @@ def memory_summary(samples: Sequence[MemorySample], warmup_s: float) -> dict[str
         "gateway_rss_growth_mb_over_hold": round(rss[-1] - rss[0], 2),
         "gateway_rss_slope_mb_per_min": None if fit is None else round(fit[0], 4),
         "gateway_rss_fit_r2": None if fit is None else round(fit[1], 4),
+        "gateway_rss_slope_mb_per_min_second_half": None if late_fit is None else round(late_fit[0], 4),
         "fitted_samples": len(fitted),
         "upstream_rss_mb_hold_start": hold[0].upstream_rss_mb, "upstream_rss_mb_hold_end": hold[-1].upstream_rss_mb,
         "upstream_rss_slope_mb_per_min": None if upstream_fit is None else round(upstream_fit[0], 4),
@@ -492,6 +496,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
                  f"latency_p99_ms_{name}": hold["gateway_latency_p99_ms"],
                  f"errors_{name}": hold["errors"],
                  f"rss_slope_mb_per_min_{name}": slope,
+                 f"rss_slope_second_half_mb_per_min_{name}": memory.get("gateway_rss_slope_mb_per_min_second_half"),
                  f"rss_growth_mb_over_hold_{name}": memory.get("gateway_rss_growth_mb_over_hold"),
                  f"meets_goal_errors_{name}": hold["errors"] == GOAL_ERRORS,
                  f"meets_goal_rss_slope_{name}": slope is not None and slope <= GOAL_RSS_SLOPE_MB_PER_MIN}
@@ -531,7 +536,8 @@ def run_load_bench(duration_s: float = 600.0, rate: float | None = None, upstrea
                           f"request timeout {REQUEST_TIMEOUT_S:.0f} s, drain {DRAIN_S:.0f} s",
         "throughput": _load.THROUGHPUT_DEFINITION, "sample_interval_s": sample_interval_s,
         "rss": "resident set size of the gateway's whole process tree (supervisor + workers), psutil",
-        "rss_slope": "least-squares fit over the hold, after its first min(60 s, 20%) of warm-up",
+        "rss_slope": "least-squares fit over the hold, after its first min(60 s, 20%) of warm-up; also over the "
+                     "hold's second half alone (a leak grows in both, a one-time step only in the first)",
         "upstreams": {}, "machine": _load.machine(),
     }
     metrics: dict[str, Any] = {}

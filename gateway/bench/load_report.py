@@ -64,6 +64,7 @@ def write_markdown(report: dict[str, Any], json_path: Path) -> Path:
                        ("latency_p50_ms", "latency p50 (ms)"), ("latency_p99_ms", "latency p99 (ms)"),
                        ("added_latency_p50_ms", "added latency vs direct, p50 (ms)"),
                        ("rss_slope_mb_per_min", f"RSS slope (MB/min, goal <= {metrics['goal_rss_slope_mb_per_min']})"),
+                       ("rss_slope_second_half_mb_per_min", "RSS slope, second half of the hold (MB/min)"),
                        ("rss_growth_mb_over_hold", "RSS growth over the hold (MB)")):
         lines.append(f"| {label} | " + " | ".join(str(metrics.get(f"{key}_{u}", "-")) for u in config["upstreams"])
                      + " |")
