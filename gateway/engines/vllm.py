@@ -39,6 +39,9 @@ _JSON = {"content-type": "application/json"}
 _WORKER_FAULTS = (aiohttp.ClientError, TimeoutError)
 
 
+UPSTREAM_KEEPALIVE_S = 4.0
+
+
 @dataclass
 class Worker:
     url: str
@@ -94,7 +97,9 @@ class VLLMEngine:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        # Idle pooled connections are dropped before the worker drops them: vLLM (uvicorn) closes idle keep-alive
+        # connections after 5 s, and writing a request onto one it just closed fails with nothing to retry on.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, raise_for_status=False)
         await self.check_health()
         if not self._names:
