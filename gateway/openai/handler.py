@@ -6,6 +6,7 @@ module shapes them into OpenAI responses: one JSON body, or SSE chunks ending in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -137,14 +138,16 @@ class OpenAIHandler:
     def _decision_headers(self, verdict: Verdict) -> dict[str, str]:
         return {"x-unlearn-decision": verdict.header} if self.unlearner is not None else {}
 
-    def _guarded(self, verdict: Verdict, choices: list[_Choice]) -> str | None:
+    async def _guarded(self, verdict: Verdict, choices: list[_Choice]) -> str | None:
         """Attach the verdict's policy to every choice; return the answer text instead for ``refuse``."""
         if not verdict.flagged or self.unlearner is None:
             return None
         if verdict.method == "refuse":
             return self.unlearner.refusal(verdict)
+        # Policy set-up tokenises facts and builds embeddings (milliseconds to hundreds of them): off the event
+        # loop, so one flagged request does not stall every stream this worker relays.
         for choice in choices:
-            choice.request = self.unlearner.apply(verdict, choice.request)
+            choice.request = await asyncio.to_thread(self.unlearner.apply, verdict, choice.request)
         return None
 
     def _output_guard(self, request: Request, prompt: Iterable[str]) -> RequestGuard | None:
@@ -190,7 +193,8 @@ class OpenAIHandler:
                                                    logits_processors=list(extras.processors)))
                    for i in range(body.n)]
         job = _Job("chat", request_id, model, choices, top is not None, extras.tokens_as_ids)
-        return await self._serve(job, body, request, headers, canned=self._guarded(verdict, choices), guard=guard)
+        canned = await self._guarded(verdict, choices)
+        return await self._serve(job, body, request, headers, canned=canned, guard=guard)
 
     async def completions(self, body: CompletionRequest, request: Request, *, prompts: list[dict] | None = None,
                           extras: Extras = Extras()) -> Response:
@@ -217,7 +221,8 @@ class OpenAIHandler:
                                                logits_processors=list(extras.processors), **prompt)
                 choices.append(_Choice(index, p, generation))
         job = _Job("text", request_id, model, choices, body.logprobs is not None, extras.tokens_as_ids)
-        return await self._serve(job, body, request, headers, canned=self._guarded(verdict, choices), guard=guard)
+        canned = await self._guarded(verdict, choices)
+        return await self._serve(job, body, request, headers, canned=canned, guard=guard)
 
     @staticmethod
     def _sampling(body, max_tokens: int | None, top_logprobs: int | None) -> SamplingParams:
