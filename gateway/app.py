@@ -22,8 +22,8 @@ from gateway.errors import BadRequest, GatewayError
 from gateway.limits import BodySizeLimitMiddleware
 from gateway.openai import router as openai_router
 from gateway.openai.handler import OpenAIHandler
-from gateway.ratelimit import RateLimitMiddleware, build_limiter
 from gateway.output_guard import OutputGuardIndexBuilder
+from gateway.ratelimit import RateLimitMiddleware, build_limiter
 from gateway.registry import TargetStore, open_store
 from gateway.registry.reload import IndexBuilder, TargetReloader
 from gateway.settings import Settings

@@ -128,8 +128,8 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("api_keys_file", "admin_keys_file", "store_password_file", "admin_port", "admin_host", "adapters_dir", "uld_auto_train",
-                     mode="before")
+    @field_validator("api_keys_file", "admin_keys_file", "store_password_file", "admin_port", "admin_host",
+                     "adapters_dir", "uld_auto_train", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
