@@ -159,15 +159,6 @@ class Settings(BaseSettings):
             raise ValueError(f"admin_port must differ from port ({self.port}); leave it empty to serve /admin there")
         return self
 
-    def trains_uld(self) -> bool:
-        """``uld_auto_train`` with its engine-dependent default applied."""
-        return self.uld_auto_train if self.uld_auto_train is not None else self.engine == "local"
-
-    def resolved_adapters_dir(self) -> Path:
-        from models.assistant import default_adapters_dir
-
-        return self.adapters_dir or default_adapters_dir()
-
     def resolved_store_url(self) -> str:
         """``store_url`` with the password from ``store_password_file`` (read at startup), so the secret never has
         to sit in an environment variable or a compose file."""
