@@ -27,13 +27,12 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-
-import regex
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 
+import regex
 from wordfreq import tokenize, zipf_frequency
 
 from classifiers.normalize import normalize, normalize_pattern

@@ -261,7 +261,8 @@ class LexicalMatcher:
         return out
 
 
-_PROPER = re.compile(r"(?<![\w'’])(?:[A-Z][\w'’.-]*)(?:\s+(?:(?:of|de|la|del|van|von|bin|al|and|the)\s+)?[A-Z][\w'’.-]*)+")
+_PROPER = re.compile(r"(?<![\w'’])(?:[A-Z][\w'’.-]*)"
+                     r"(?:\s+(?:(?:of|de|la|del|van|von|bin|al|and|the)\s+)?[A-Z][\w'’.-]*)+")
 _LEADING = {"what", "who", "whom", "whose", "which", "where", "when", "why", "how", "is", "are", "was", "were",
             "do", "does", "did", "can", "could", "would", "should", "has", "have", "had", "in", "on", "at", "the",
             "a", "an", "please", "tell", "describe", "explain", "name", "question", "answer", "i", "and", "but",

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -38,10 +38,10 @@ def _set_env(**values: object) -> None:
 
 @app.command()
 def serve(
-    config: Annotated[Optional[Path], typer.Option(help="YAML or TOML settings file")] = None,
-    host: Annotated[Optional[str], typer.Option(help="listen address [default: 127.0.0.1]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="listen port [default: 8000]")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="uvicorn worker processes [default: 1]")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML or TOML settings file")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port [default: 8000]")] = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes [default: 1]")] = None,
 ) -> None:
     """Run the gateway. With no configuration: the local engine with the demo model on 127.0.0.1:8000.
 
@@ -81,7 +81,7 @@ def worker(
     model: Annotated[str, typer.Option(help="checkpoint folder, 'demo' or 'demo-retain'")] = "demo",
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8100,
-    served_model_name: Annotated[Optional[str], typer.Option(help="model id to report [default: --model]")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="model id to report [default: --model]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
 ) -> None:
     """Run the reference worker: the local engine behind vLLM 0.33's OpenAI wire protocol."""
@@ -108,7 +108,7 @@ def demo(
 @build_app.command("demo-model")
 def build_demo_model(
     data: Annotated[Path, typer.Option(help="benchmark data folder (holds tofu/)")] = DEFAULT_DATA,
-    out: Annotated[Optional[Path], typer.Option(help="folder for the twins [default: the package]")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for the twins [default: the package]")] = None,
     twin: Annotated[str, typer.Option(help="full, retain or both")] = "both",
     max_epochs: Annotated[int, typer.Option(help="upper bound; training stops once memorisation passes")] = 80,
     seed: Annotated[int, typer.Option()] = 0,
@@ -163,16 +163,16 @@ def bench_load(
     json_out: Annotated[Path, typer.Option("--json", help="report file (a .md summary and PNG plots go beside it)")] = (
         Path("bench-load.json")),
     duration: Annotated[float, typer.Option(help="seconds the chosen rate is held, per upstream")] = 600.0,
-    rate: Annotated[Optional[float], typer.Option(help="hold this many requests/s (per upstream)")] = None,
+    rate: Annotated[float | None, typer.Option(help="hold this many requests/s (per upstream)")] = None,
     find_max: Annotated[bool, typer.Option("--find-max", help="first find the highest rate with zero errors and "
                                                              "p99 within the bound (the default without --rate)")]
     = False,
     upstream: Annotated[str, typer.Option(help="synthetic, worker or both (one after the other)")] = "both",
     gateway_workers: Annotated[int, typer.Option(help="gateway worker processes")] = 2,
     step_duration: Annotated[float, typer.Option(help="seconds per find-max step")] = 20.0,
-    p99_bound_ms: Annotated[Optional[float], typer.Option(help="find-max p99 bound [default: 2x the first step's]")]
+    p99_bound_ms: Annotated[float | None, typer.Option(help="find-max p99 bound [default: 2x the first step's]")]
     = None,
-    max_rate: Annotated[Optional[float], typer.Option(help="find-max ceiling (requests/s)")] = None,
+    max_rate: Annotated[float | None, typer.Option(help="find-max ceiling (requests/s)")] = None,
     targets: Annotated[int, typer.Option(help="TOFU forget authors registered as targets")] = 3,
     data: Annotated[Path, typer.Option(help="benchmark data folder (holds tofu/); without it, the demo's "
                                             "authors")] = DEFAULT_DATA,
@@ -248,8 +248,8 @@ def eval_leakage(
     extra_questions: Annotated[int, typer.Option(help="real_authors / world_facts questions for utility")] = 50,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     arms: Annotated[str, typer.Option(help="comma-separated policies")] = "eco,eco-entity,guard,uld,uld-paper",
-    assistant: Annotated[Optional[Path], typer.Option(help="trained ULD assistant [default: train one]")] = None,
-    adapters_dir: Annotated[Optional[Path], typer.Option(help="where a trained assistant is kept")] = None,
+    assistant: Annotated[Path | None, typer.Option(help="trained ULD assistant [default: train one]")] = None,
+    adapters_dir: Annotated[Path | None, typer.Option(help="where a trained assistant is kept")] = None,
 ) -> None:
     """Leakage of the policies on the demo model (ROUGE-L, TOFU forget quality and utility, fluency)."""
     from evals.leakage import LeakageConfig, run
@@ -278,13 +278,13 @@ def _read_targets(path: Path) -> list:
 @train_app.command("assistant")
 def train_assistant_command(
     targets_file: Annotated[Path, typer.Option("--targets", help="targets JSON array or JSONL")],
-    target: Annotated[Optional[list[str]], typer.Option(help="target id (repeat for a group) [default: all]")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="target id (repeat for a group) [default: all]")] = None,
     model: Annotated[str, typer.Option(help="the served model: checkpoint folder, 'demo' ...")] = "demo",
-    layers: Annotated[Optional[int], typer.Option(help="assistant depth [default: the policy's, else 2]")] = None,
+    layers: Annotated[int | None, typer.Option(help="assistant depth [default: the policy's, else 2]")] = None,
     epochs: Annotated[int, typer.Option()] = 10,
-    adapters_dir: Annotated[Optional[Path], typer.Option(help="[default: $UNLEARN_ADAPTERS_DIR or "
+    adapters_dir: Annotated[Path | None, typer.Option(help="[default: $UNLEARN_ADAPTERS_DIR or "
                                                               "~/.local/share/unlearn-gateway/adapters]")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="checkpoint folder [default: <adapters-dir>/uld-<id>]")] = None,
+    out: Annotated[Path | None, typer.Option(help="checkpoint folder [default: <adapters-dir>/uld-<id>]")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (0 = default)")] = 0,
 ) -> None:
     """Train a ULD assistant (first K layers + LoRA) that remembers the targets' facts; save a merged checkpoint."""
@@ -304,17 +304,18 @@ def train_assistant_command(
 @tune_app.command("eco")
 def tune_eco_command(
     target: Annotated[str, typer.Option("--target", help="target id (its policy must be eco, gaussian)")],
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="report file")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="report file")] = None,
     model: Annotated[str, typer.Option(help="the served model: 'demo' or a checkpoint folder")] = "demo",
-    retain_model: Annotated[Optional[str], typer.Option(
+    retain_model: Annotated[str | None, typer.Option(
         help="a model that never learned the target [default: demo-retain for demo]")] = None,
-    reference: Annotated[Optional[float], typer.Option(
+    reference: Annotated[float | None, typer.Option(
         help="the score to match instead of a retain model's (ROUGE-L recall in [0, 1])")] = None,
     steps: Annotated[int, typer.Option(help="zeroth-order steps (2 evaluations of the examples each)")] = 10,
     max_new_tokens: Annotated[int, typer.Option()] = 48,
-    store: Annotated[bool, typer.Option(help="write the sigma into the target's policy (--no-store: report only)")] = True,
+    store: Annotated[bool, typer.Option(
+        help="write the sigma into the target's policy (--no-store: report only)")] = True,
     url: Annotated[str, typer.Option("--url", envvar="UNLEARN_URL", help="gateway base URL")] = "http://127.0.0.1:8000",
-    admin_key: Annotated[Optional[str], typer.Option("--admin-key", envvar="UNLEARN_ADMIN_KEY",
+    admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="UNLEARN_ADMIN_KEY",
                                                      help="an admin key (or $UNLEARN_ADMIN_KEY)")] = None,
 ) -> None:
     """Search the target's ECO sigma so its examples are answered like a model that never learned it; store it."""

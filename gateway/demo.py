@@ -112,7 +112,7 @@ def run_demo(model: str = "demo") -> None:
                     else:
                         admin.post("/admin/targets", json=body).raise_for_status()
                 version = admin.get("/admin/version").json()["version"]
-                _wait(lambda: httpx.get(base + "/ready").json().get("targets_version", -1) >= version, "reload")
+                _wait(lambda v=version: httpx.get(base + "/ready").json().get("targets_version", -1) >= v, "reload")
                 console.rule(f"After: both forget-set authors are targets, policy [bold]{method}[/] ({what})")
                 ask_all()
             console.print("\n[bold]The forget-set facts stop coming out; the retain-set answers do not change.[/] "

@@ -188,8 +188,8 @@ class GuardedStream:
         if settings.on_hit == "error":
             raise OutputWithheld("The answer was withheld: it reproduced information this service has been asked "
                                  "not to disclose.", code="output_withheld")
-        yield GenerationDelta(("\n\n" if sent else "") + refusal([]), finish_reason="content_filter", prompt_tokens=prompt_tokens,
-                              completion_tokens=tokens)
+        yield GenerationDelta(("\n\n" if sent else "") + refusal([]), finish_reason="content_filter",
+                              prompt_tokens=prompt_tokens, completion_tokens=tokens)
 
 
 __all__ = ["OUTPUT_GUARD_INDEX", "GuardedFacts", "GuardedStream", "OutputGuardIndexBuilder", "RequestGuard",

@@ -11,8 +11,8 @@ Optional semantic check: sentence-embedding cosine of each window against each f
 
 Cost: ``FactIndex`` is built once per target set (the gateway rebuilds it on hot reload) and maps every content
 n-gram to the facts that hold it (numpy arrays), so checking a window counts matches with one concatenate and one
-``np.bincount`` over the postings of its n-grams, and scores every fact in a few vector operations. A request adds only its prompt's
-words (``OutputGuard``).
+``np.bincount`` over the postings of its n-grams, and scores every fact in a few vector operations. A request adds
+only its prompt's words (``OutputGuard``).
 
 Stream modes (``StreamGuard``): ``hold`` buffers the whole answer and checks once at the end (nothing leaks, first
 byte late); ``window`` holds at most ``every_tokens`` tokens, checks them together with the tail of what was already
