@@ -220,3 +220,23 @@ def test_output_guard_catches_the_fact_not_the_echo():
     assert streamed.hit is not None and "Fiction novels" not in out
     held = StreamGuard(guard, "hold")
     assert held.push("Carmen Montenegro writes romance.") == "" and held.finish() == "Carmen Montenegro writes romance."
+
+
+def test_uld_default_filter_keeps_uld_codes_floor_of_alpha_times_vocab():
+    from gateway.registry.targets import UldPolicy
+    from policies.uld import UldParams, lockstep_threshold, uld_params
+
+    peaked = torch.full((1000,), -20.0)
+    peaked[7] = 20.0  # a memorised token: the relative-top rule alone keeps only it
+    assert int(relative_top_mask(peaked, 0.01, 0).sum()) == 1
+    assert int(relative_top_mask(peaked, 0.01, None).sum()) >= 10  # floor(0.01 * 1000)
+    assert UldParams.from_policy(UldPolicy()).min_keep is None
+    assert uld_params(UldPolicy(), 4096).min_keep == 40 and uld_params(UldPolicy(min_keep=0), 4096).min_keep == 0
+    # Over HTTP only the top K is known: the floor keeps all K reported candidates.
+    top = {1: -0.001, 2: -9.0, 3: -12.0}
+    assert lockstep_threshold(top, 0.01, None) == -12.0 and lockstep_threshold(top, 0.01, 0) > -9.0
+    # With the floor, a memorising assistant can overturn the target's choice; the plain rule cannot.
+    assistant = torch.zeros(1000)
+    assistant[7] = 60.0
+    assert int(combine(peaked, assistant, -0.8, 0.01, min_keep=0).argmax()) == 7
+    assert int(combine(peaked, assistant, -0.8, 0.01, min_keep=None).argmax()) != 7

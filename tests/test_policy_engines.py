@@ -139,7 +139,7 @@ async def test_guard_target_table_on_the_reference_worker(tmp_path, demo_engine,
 
 async def test_uld_lockstep_over_logprobs_equals_the_local_combine(reference_worker, retain_worker, demo_engine):
     """Lock-step over HTTP (target = demo, assistant = demo-retain) vs the local engine's native combination."""
-    params = UldParams(weight=-0.8, alpha=0.01)
+    params = UldParams(weight=-0.8, alpha=0.01, min_keep=0)  # the relative-top rule alone: exact over any top K
     local_request = GenerationRequest("t", greedy(12), messages=[Message("user", FORGET)],
                                       assistant=Assistant("demo-retain", combiner(params)))
     local_text, local_ids = await generate(demo_engine, local_request)

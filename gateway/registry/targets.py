@@ -84,7 +84,8 @@ class UldPolicy(BaseModel):
     alpha: float = Field(0.01, gt=0, lt=1)
     layers: int = Field(2, ge=1)
     adapter: str | None = Field(None, min_length=1, max_length=1024)
-    min_keep: int = Field(0, ge=0, description="also keep the target's top min_keep tokens (ULD code: alpha*|V|)")
+    min_keep: int | None = Field(None, ge=0, description="also keep the target's top min_keep tokens; unset = ULD's "
+                                 "released code, floor(alpha * |V|); 0 = the relative-top rule alone")
     fallback: Literal["guard", "eco", "refuse"] = Field(
         "guard", description="enforced until the assistant is trained (policy_status 'ready')")
 
