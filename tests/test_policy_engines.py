@@ -93,6 +93,24 @@ async def test_assistant_checkpoint_is_a_truncated_model_with_its_tokenizer(uld_
     assert report["layers"] == 2 and report["history"][-1]["forget_nll"] < report["history"][0]["forget_nll"]
 
 
+def test_eco_scopes_choose_the_messages_they_blind(kit):
+    from gateway.engines.base import EmbedsPart
+
+    turns = [Message("user", "Tell me about Carmen Montenegro."), Message("assistant", "She is a novelist."),
+             Message("user", "What genre does she write in?")]
+
+    def blinded(request: GenerationRequest) -> list[int]:
+        return [i for i, m in enumerate(request.messages) if not isinstance(m.content, str)
+                and any(isinstance(p, EmbedsPart) for p in m.content)]
+
+    request = GenerationRequest("t", greedy(4), messages=turns)
+    names = ["Carmen Montenegro"]
+    assert blinded(kit.eco(request, names, EcoParams(), scope="entity")) == [0]  # the name span only
+    assert blinded(kit.eco(request, names, EcoParams(), scope="prompt")) == [0, 2]  # the name's turn and the last
+    assert blinded(kit.eco(request, [], EcoParams(), scope="entity")) == [2]  # no span: the last user message
+    whole = kit.eco(request, names, EcoParams(), scope="prompt").messages[2].content
+    assert isinstance(whole[0], EmbedsPart) and whole[1:] == ["?"]  # every token but the last
+
 # -- vLLM engine against the reference worker ---------------------------------------------------------------------
 async def test_eco_over_vllm_equals_local(reference_worker, demo_engine):
     remote_kit = checkpoint_kit("demo")  # embedding rows read from the checkpoint, as a gateway without a model

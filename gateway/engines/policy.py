@@ -43,19 +43,21 @@ class PolicyKit:
     def eco(self, request: GenerationRequest, names: Iterable[str], params: EcoParams,
             spans: dict[int, list[Span]] | None = None, scope: str = "entity") -> GenerationRequest:
         """Corrupt the flagged spans of every user message (``spans`` by message index, else occurrences of
-        ``names``); with no span anywhere, or ``scope="prompt"``, every token but the last of the last user
-        message (ECO's rule for prompts without entities)."""
+        ``names``); with no span anywhere, every token but the last of the last user message (ECO's rule for
+        prompts without entities). ``scope="prompt"``: every token but the last of the last user message and of
+        every user message with a span, so a name given in an earlier turn is blinded too."""
         if request.messages is None:
             raise ValueError("ECO applies to chat requests")
-        names = list(names) if scope == "entity" else []
         messages = list(request.messages)
-        found = {i: ((spans or {}).get(i) if scope == "entity" else None) or name_spans(message_text(m), names)
+        found = {i: (spans or {}).get(i) or name_spans(message_text(m), list(names))
                  for i, m in enumerate(messages) if m.role == "user" and isinstance(m.content, str)}
-        if not any(found.values()):
-            last = max(found, default=None)
-            if last is None:
-                return request
-            found = {last: []}
+        last = max(found, default=None)
+        if last is None:
+            return request
+        if scope == "prompt":
+            found = {i: [] for i, flagged in found.items() if flagged or i == last}
+        else:  # only messages with spans; an empty span list would mean "every token" to corrupted_content
+            found = {i: flagged for i, flagged in found.items() if flagged} or {last: []}
         out = []
         for i, message in enumerate(messages):
             if i in found:
