@@ -186,7 +186,8 @@ def test_a_uld_target_is_trained_in_the_background_and_then_served_with_uld(demo
         assert version == first  # judged before any adapter could be registered (the lease still blocks it)
         assert decision == "flagged; policy=guard" and "historical fiction" not in answer.lower(), answer
 
-        final = wait_for(lambda: (s := status_of(admin))["state"] == "ready" and s, 120,
+        # The adapter is registered first and the trainer's own 'ready' record follows: wait for that record.
+        final = wait_for(lambda: (s := status_of(admin))["state"] == "ready" and s.get("owner") and s, 120,
                          "the assistant to be trained")
         assert final["owner"] != "dead-owner" and final["progress"] == 1.0 and final["fingerprint"] == fingerprint
         target = admin.get(f"/admin/targets/{TARGET_ID}").json()
