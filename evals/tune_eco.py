@@ -45,6 +45,7 @@ class ZerothOrderConfig:
 
     steps: int = 10
     eps: float = 0.5  # probe half-width: sigma * e^(+-0.5)
+    max_eps: float = 2.0  # widest probes on a plateau: sigma * e^(+-2)
     lr: float = 4.0  # x <- x - lr * g; the loss is a difference of recalls in [0, 1]
     max_step: float = 1.5  # |dx| per step at most (x4.5 in sigma)
     tolerance: float = 0.02  # stop once a probe's loss is this small
@@ -66,7 +67,8 @@ def zeroth_order_search(loss: Loss, sigma0: float, config: ZerothOrderConfig, on
 
     Every probe is a candidate (ties go to the weaker corruption), and so is the last iterate, evaluated once at
     the end. When the estimate changes sign, or the step is shorter than the probes' spread, the probes straddle the
-    minimum and their width halves.
+    minimum and their width halves; when it is exactly 0 the probes sit on a plateau (greedy answers, and so the
+    score, change in steps) and their width doubles.
     """
     lo, hi = math.log(config.sigma_min), math.log(config.sigma_max)
     x = min(max(math.log(max(sigma0, config.sigma_min)), lo), hi)
@@ -97,7 +99,9 @@ def zeroth_order_search(loss: Loss, sigma0: float, config: ZerothOrderConfig, on
             on_step(entry)
         if best.loss <= config.tolerance:
             return best
-        if gradient * previous < 0 or abs(config.lr * gradient) < eps / 2:
+        if gradient == 0:
+            eps = min(eps * 2, config.max_eps)  # a plateau (greedy answers change in steps): look further out
+        elif gradient * previous < 0 or abs(config.lr * gradient) < eps / 2:
             eps /= 2  # the probes straddle the minimum: look closer
         previous = gradient
         x = min(max(x - max(-config.max_step, min(config.max_step, config.lr * gradient)), lo), hi)

@@ -48,6 +48,15 @@ def test_search_stays_within_bounds():
     assert result.sigma == pytest.approx(10.0)
 
 
+def test_search_widens_its_probes_on_a_plateau():
+    def loss(sigma: float) -> float:  # greedy answers change in steps: flat except for one band
+        return 0.0 if 0.05 < sigma < 0.3 else 0.5
+
+    result = zeroth_order_search(loss, 1.0, ZerothOrderConfig(steps=5))
+    assert result.loss == 0.0 and 0.05 < result.sigma < 0.3
+    assert [e["gradient"] for e in result.history[:-1]] == [0.0] * (len(result.history) - 1)
+
+
 def test_answering_fact_pairs_an_example_with_its_fact():
     facts = CARMEN["facts"]
     assert answering_fact("Which city was Carmen Montenegro born in?", facts, ["Carmen Montenegro"]) == facts[1]
