@@ -35,6 +35,7 @@ from gateway.engines.base import GenerationRequest, Message, SamplingParams
 from gateway.engines.local import LocalEngine
 from gateway.engines.policy import PolicyKit, local_kit
 from gateway.registry.targets import EcoPolicy, GuardPolicy, Target, UldPolicy
+from models.assistant import AssistantRecipe
 from policies.eco import EcoParams
 from policies.guard import GuardParams, generic_words, load_sentence_encoder
 from policies.uld import UldParams, uld_params
@@ -55,7 +56,7 @@ class LeakageConfig:
     arms: tuple[str, ...] = POLICY_ARMS
     assistant: str | None = None  # a trained ULD assistant folder; trained when absent
     adapters_dir: Path | None = None
-    assistant_epochs: int = 10
+    assistant_epochs: int = AssistantRecipe().epochs
     as_if_flagged: bool = True
 
 
@@ -217,7 +218,7 @@ def _summary(values: Sequence[float]) -> dict:
 def _ensure_assistant(config: LeakageConfig, suite: TofuSuite, progress: Progress) -> str:
     if config.assistant:
         return config.assistant
-    from models.assistant import AssistantRecipe, assistant_dir, default_adapters_dir, train_assistant
+    from models.assistant import assistant_dir, default_adapters_dir, train_assistant
 
     folder = assistant_dir(config.adapters_dir or default_adapters_dir(), [t.id for t in suite.targets])
     if not (folder / "config.json").is_file():
@@ -264,7 +265,7 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
 
     # Truth ratios on the forget questions, under each arm's policy (the retain twin is the reference).
     stats: dict[str, list[float]] = {}
-    for name, result in results.items():
+    for name in results:
         engine = retain_twin if name == "retain" else full
         values = []
         for qa in suite.forget_eval:

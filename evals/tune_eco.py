@@ -12,8 +12,9 @@ forget set like a model that never learned it. Here, with only what an operator 
   orders of magnitude (0.1 for some models, 1e6 in the paper's WMDP runs), so steps are multiplicative.
 
 The noise is seeded (the policy's seed, else 0), so ``f`` is a deterministic function of sigma and the two probes
-of a step differ only by the strength (common random numbers). The best probe seen wins; the search stops early
-once a probe is within ``tolerance`` of the reference. The result is stored in the target's policy through the
+of a step differ only by the strength (common random numbers). The search starts weak (the input embeddings' own
+per-dimension scale, unless told otherwise), the best point seen wins, and it stops early once one is within
+``tolerance`` of the reference. The result is stored in the target's policy through the
 admin API (``PATCH /admin/targets/{id}``), like every other ``targets`` command.
 """
 
@@ -184,9 +185,18 @@ def example_facts(target: Target) -> list[str]:
     return [answering_fact(q, target.facts, [target.name, *target.aliases]) for q in target.examples]
 
 
+def embedding_scale(engine: LocalEngine) -> float:
+    """Per-dimension standard deviation of the served model's input embeddings: noise of this size is a weak
+    corruption on any model, so a search started there finds the weakest strength that matches, as ECO's own
+    search does by starting small (its sigma0 = 0.1) and raising it."""
+    return float(engine.main.model.get_input_embeddings().weight.detach().float().std())
+
+
 def tune_target(target: Target, engine: LocalEngine, kit: PolicyKit, reference: float, reference_source: str,
-                config: ZerothOrderConfig, max_new_tokens: int = 48, on_step: OnStep | None = None) -> TuneReport:
-    """Search sigma for ``target`` (whose policy must be ECO with Gaussian noise); nothing is stored here."""
+                config: ZerothOrderConfig, max_new_tokens: int = 48, on_step: OnStep | None = None,
+                sigma0: float | None = None) -> TuneReport:
+    """Search sigma for ``target`` (whose policy must be ECO with Gaussian noise) from ``sigma0`` (default: the
+    embeddings' scale); nothing is stored here."""
     policy = target.policy
     if not isinstance(policy, EcoPolicy):
         raise ValueError(f"target {target.id!r} has policy {policy.method!r}; tune eco needs an 'eco' policy")
@@ -195,7 +205,8 @@ def tune_target(target: Target, engine: LocalEngine, kit: PolicyKit, reference: 
     started = time.time()
     objective = EcoObjective(engine, kit, target, policy, max_new_tokens)
 
-    result = zeroth_order_search(lambda sigma: abs(objective(sigma) - reference), policy.sigma, config, on_step)
+    start = sigma0 if sigma0 is not None else embedding_scale(engine)
+    result = zeroth_order_search(lambda sigma: abs(objective(sigma) - reference), start, config, on_step)
     recall = objective(result.sigma)
     return TuneReport(target.id, policy.scope, policy.corruption, policy.sigma, result.sigma, recall, reference,
                       reference_source, result.loss, result.loss <= config.tolerance, False, len(target.examples),
@@ -222,5 +233,6 @@ def report_dict(report: TuneReport, config: ZerothOrderConfig, model: str) -> di
             "config": {"model": model, **asdict(config)}, "version": __version__}
 
 
-__all__ = ["EcoObjective", "SearchResult", "TuneReport", "ZerothOrderConfig", "answering_fact", "example_facts", "examples_recall", "reference_recall",
-           "report_dict", "tune_target", "zeroth_order_search"]
+__all__ = ["EcoObjective", "SearchResult", "TuneReport", "ZerothOrderConfig", "answering_fact", "embedding_scale",
+           "example_facts", "examples_recall", "reference_recall", "report_dict", "tune_target",
+           "zeroth_order_search"]

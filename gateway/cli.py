@@ -281,7 +281,7 @@ def train_assistant_command(
     target: Annotated[list[str] | None, typer.Option(help="target id (repeat for a group) [default: all]")] = None,
     model: Annotated[str, typer.Option(help="the served model: checkpoint folder, 'demo' ...")] = "demo",
     layers: Annotated[int | None, typer.Option(help="assistant depth [default: the policy's, else 2]")] = None,
-    epochs: Annotated[int, typer.Option()] = 10,
+    epochs: Annotated[int, typer.Option()] = 30,
     adapters_dir: Annotated[Path | None, typer.Option(help="[default: $UNLEARN_ADAPTERS_DIR or "
                                                               "~/.local/share/unlearn-gateway/adapters]")] = None,
     out: Annotated[Path | None, typer.Option(help="checkpoint folder [default: <adapters-dir>/uld-<id>]")] = None,
@@ -311,6 +311,8 @@ def tune_eco_command(
     reference: Annotated[float | None, typer.Option(
         help="the score to match instead of a retain model's (ROUGE-L recall in [0, 1])")] = None,
     steps: Annotated[int, typer.Option(help="zeroth-order steps (2 evaluations of the examples each)")] = 10,
+    sigma0: Annotated[float | None, typer.Option(
+        help="where the search starts [default: the input embeddings' per-dimension std, a weak corruption]")] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 48,
     store: Annotated[bool, typer.Option(
         help="write the sigma into the target's policy (--no-store: report only)")] = True,
@@ -352,7 +354,7 @@ def tune_eco_command(
                 bar.set_postfix(sigma=f"{entry['best_sigma']:.3g}", loss=f"{entry['best_loss']:.3f}")
 
             report = tune_target(found, engine, local_kit(engine), reference, source, config, max_new_tokens,
-                                 on_step)
+                                 on_step, sigma0)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -43,7 +43,21 @@ DONT_CARE = -1
 INF = float("inf")
 
 # Function words that carry no fact: our own short list (articles, pronouns, auxiliaries, prepositions...).
-STOPWORDS = frozenset(["a", "an", "the", "and", "or", "but", "nor", "so", "yet", "for", "of", "to", "in", "on", "at", "by", "with", "from", "into", "onto", "upon", "about", "above", "below", "over", "under", "between", "among", "through", "during", "before", "after", "since", "until", "while", "as", "than", "then", "there", "here", "this", "that", "these", "those", "it", "its", "itself", "he", "him", "his", "himself", "she", "her", "hers", "herself", "they", "them", "their", "theirs", "themselves", "we", "us", "our", "ours", "you", "your", "yours", "i", "me", "my", "mine", "who", "whom", "whose", "which", "what", "when", "where", "why", "how", "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "done", "doing", "have", "has", "had", "having", "will", "would", "shall", "should", "can", "could", "may", "might", "must", "not", "no", "yes", "also", "very", "too", "just", "only", "even", "more", "most", "much", "many", "some", "any", "each", "every", "all", "both", "either", "neither", "other", "such", "own", "same", "one", "ones", "well", "often", "however", "into", "out", "up", "down", "off", "again", "further", "once", "because", "if", "whether", "though", "although", "like", "unlike", "within", "without", "across", "along", "around", "near", "toward", "towards", "against", "per", "via", "etc", "known", "notable", "notably", "particularly"])
+STOPWORDS = frozenset([
+    "a", "an", "the", "and", "or", "but", "nor", "so", "yet", "for", "of", "to", "in", "on", "at", "by", "with",
+    "from", "into", "onto", "upon", "about", "above", "below", "over", "under", "between", "among", "through",
+    "during", "before", "after", "since", "until", "while", "as", "than", "then", "there", "here", "this", "that",
+    "these", "those", "it", "its", "itself", "he", "him", "his", "himself", "she", "her", "hers", "herself", "they",
+    "them", "their", "theirs", "themselves", "we", "us", "our", "ours", "you", "your", "yours", "i", "me", "my",
+    "mine", "who", "whom", "whose", "which", "what", "when", "where", "why", "how", "is", "are", "was", "were", "be",
+    "been", "being", "am", "do", "does", "did", "done", "doing", "have", "has", "had", "having", "will", "would",
+    "shall", "should", "can", "could", "may", "might", "must", "not", "no", "yes", "also", "very", "too", "just",
+    "only", "even", "more", "most", "much", "many", "some", "any", "each", "every", "all", "both", "either",
+    "neither", "other", "such", "own", "same", "one", "ones", "well", "often", "however", "into", "out", "up",
+    "down", "off", "again", "further", "once", "because", "if", "whether", "though", "although", "like", "unlike",
+    "within", "without", "across", "along", "around", "near", "toward", "towards", "against", "per", "via", "etc",
+    "known", "notable", "notably", "particularly",
+])
 
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*(?:'[A-Za-z]+)?")
 # A quoted title: the opening quote follows a space or the start, the closing one precedes punctuation or a space

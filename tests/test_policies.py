@@ -71,7 +71,10 @@ def test_spans_map_to_token_positions_by_offsets(tokenizer):
 
 def test_corrupted_content_splits_at_token_boundaries(tokenizer, demo_engine):
     weight = demo_engine.main.model.get_input_embeddings().weight.detach()
-    embed = lambda ids: weight[torch.tensor(list(ids))]
+
+    def embed(ids):
+        return weight[torch.tensor(list(ids))]
+
     parts = corrupted_content(QUESTION, name_spans(QUESTION, ["Carmen Montenegro"]), tokenizer, embed, EcoParams())
     assert [type(p) for p in parts] == [str, EmbedsPart, str]
     before, run, after = parts
@@ -216,7 +219,8 @@ def test_output_guard_catches_the_fact_not_the_echo():
     assert hit is not None and hit.target_id == "carmen-montenegro"
     assert guard.check("Carmen Montenegro writes in the genre of romance.") is None
     streamed = StreamGuard(guard, "window", every_tokens=3)
-    out = "".join(streamed.push(w + " ") for w in ["Her", "books", "are", "predominantly", "Historical", "Fiction", "novels"])
+    words = ["Her", "books", "are", "predominantly", "Historical", "Fiction", "novels"]
+    out = "".join(streamed.push(w + " ") for w in words)
     assert streamed.hit is not None and "Fiction novels" not in out
     held = StreamGuard(guard, "hold")
     assert held.push("Carmen Montenegro writes romance.") == "" and held.finish() == "Carmen Montenegro writes romance."
