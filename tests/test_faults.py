@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
 
 import httpx
 import pytest
@@ -32,6 +31,7 @@ from gateway.errors import UpstreamError
 from gateway.settings import Settings
 from tests.conftest import Server, free_port, serve
 from tests.fault_servers import ScriptedWorker, wait_until
+from tests.traffic import BackgroundTraffic
 
 ADMIN_KEY = "faults-admin"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -216,38 +216,22 @@ def refuse_target(name: str) -> dict:
     return {"name": name, "policy": {"method": "refuse", "message": "Nothing about {name}."}}
 
 
-class MixedTraffic:
-    """Flagged and clean chat requests back to back from a thread, each recorded as (time, question, status,
-    answer, decision header)."""
+class MixedTraffic(BackgroundTraffic):
+    """Flagged and clean chat requests back to back, each recorded as (time, question, status, answer, decision
+    header)."""
 
     def __init__(self, url: str):
+        super().__init__()
         self.url = url
-        self.results: list[tuple[float, str, int, str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=120)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=120) as client:
-            i = 0
-            while not self._stop.is_set():
-                question = FORGET_Q if i % 2 == 0 else RETAIN_Q
-                body = CHAT | {"messages": [{"role": "user", "content": question}], "stream": i % 4 == 1}
-                try:
-                    response = client.post(self.url + "/v1/chat/completions", json=body)
-                    status, text = response.status_code, response.text
-                    decision = response.headers.get("x-unlearn-decision", "")
-                except httpx.HTTPError as exc:
-                    status, text, decision = 598, repr(exc), ""
-                self.results.append((time.monotonic(), question, status, text, decision))
-                i += 1
+    def _send(self, client: httpx.Client, i: int) -> tuple[str, int, str, str]:
+        question = FORGET_Q if i % 2 == 0 else RETAIN_Q
+        body = CHAT | {"messages": [{"role": "user", "content": question}], "stream": i % 4 == 1}
+        try:
+            response = client.post(self.url + "/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            return question, 598, repr(exc), ""
+        return question, response.status_code, response.text, response.headers.get("x-unlearn-decision", "")
 
     def count_since(self, start: float) -> int:
         return sum(1 for r in self.results if r[0] >= start)

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +23,7 @@ from gateway.registry import Target, open_store
 from gateway.registry.reload import ActiveTargets, TargetReloader
 from tests.conftest import Server, unique_prefix
 from tests.test_admin_api import ADMIN, USER_KEY, make_gateway
+from tests.traffic import BackgroundTraffic
 
 USER = {"authorization": f"Bearer {USER_KEY}"}
 CHAT = {"messages": [{"role": "user", "content": "Where is Chukwu Akabueze from?"}], "max_tokens": 4,
@@ -149,38 +150,24 @@ async def test_placeholder_is_not_loaded():
 
 # -- faults -------------------------------------------------------------------------------------------------------
 
-class ChatTraffic:
-    """Chat requests (plain and streamed) in a loop against several gateways, recording every status."""
+class ChatTraffic(BackgroundTraffic):
+    """Chat requests (plain and streamed) in a loop against several gateways, recording (time, status, targets
+    version) of each."""
 
     def __init__(self, servers: Sequence[Server]):
+        super().__init__(headers=USER, timeout_s=60)
         self.servers = servers
-        self.results: list[tuple[float, int, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        with httpx.Client(headers=USER, timeout=60) as client:
-            i = 0
-            while not self._stop.is_set():
-                server = self.servers[i % len(self.servers)]
-                stream = i % 2 == 1
-                try:
-                    response = client.post(server.url + "/v1/chat/completions", json=CHAT | {"stream": stream})
-                    status, version = response.status_code, response.headers.get("x-unlearn-targets-version", "")
-                    if stream and b"data: [DONE]" not in response.content:
-                        status = 599
-                except httpx.HTTPError:
-                    status, version = 598, ""
-                self.results.append((time.monotonic(), status, version))
-                i += 1
+    def _send(self, client: httpx.Client, i: int) -> tuple[int, str]:
+        server = self.servers[i % len(self.servers)]
+        stream = i % 2 == 1
+        try:
+            response = client.post(server.url + "/v1/chat/completions", json=CHAT | {"stream": stream})
+        except httpx.HTTPError:
+            return 598, ""
+        if stream and b"data: [DONE]" not in response.content:
+            return 599, response.headers.get("x-unlearn-targets-version", "")
+        return response.status_code, response.headers.get("x-unlearn-targets-version", "")
 
     def between(self, start: float, end: float) -> list[tuple[float, int, str]]:
         return [r for r in self.results if start <= r[0] <= end]
