@@ -11,8 +11,12 @@ as ``prompt_embeds`` chat content parts.
 Default strength: Gaussian noise with sigma = 1.0 on every dimension. It is stated in absolute units like the
 paper's sigma, and it is far above the scale of typical input embeddings (the demo model's rows have per-dimension
 std ~0.07 and norm ~1.1; Llama-2's are smaller still), so the corrupted rows carry no usable signal about the
-entity without any per-model search. ``unlearn-gateway tune eco`` (later) can lower it to the smallest sigma that
-still matches the retain model.
+entity without any per-model search. ``unlearn-gateway tune eco`` searches a target's sigma so that its examples
+are answered like the retain model answers them.
+
+Which positions: ``EcoPolicy.scope`` "prompt" (the default) corrupts every token of the flagged message but the
+last; "entity" only the classifier's spans. On a model that memorised whole questions the wording left around a
+corrupted name still recalls the answer (README, Policies), which is why the default is the whole message.
 """
 
 from __future__ import annotations
