@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.reports import write_json_report
+
 DEFAULT_DATA = Path("../shared/data")
 SUITES = ("tofu", "rwku", "hp")
 
@@ -90,8 +92,7 @@ def eval_classifier(
                    "goals": {r["suite"]: r["goals"] for r in reports},
                    "config": {r["suite"]: r["config"] for r in reports}}
     payload["version"] = version("unlearn-gateway")
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    write_json_report(json_out, payload)
     md = write_report(json_out, reports, histograms)
     typer.echo(f"wrote {json_out} and {md}")
 
@@ -109,8 +110,7 @@ def bench_classifier(
 
     report = run_bench(large=large, requests=requests, concurrency=concurrency, progress=sys.stderr.isatty())
     report["version"] = version("unlearn-gateway")
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json_report(json_out, report)
     typer.echo(json.dumps(report["metrics"], indent=2))
 
 
@@ -137,8 +137,7 @@ def eval_evasion(
     report = run_evasion(data, limit=limit, max_per_target=max_per_target, n_negatives=negatives,
                          config=ClassifierConfig(fpr=fpr), progress=lambda line: typer.echo(line, err=True))
     report["version"] = version("unlearn-gateway")
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_report(json_out, report)
     md = write_markdown(report, json_out)
     typer.echo(json.dumps(report["metrics"]["summary"], indent=2, ensure_ascii=False))
     typer.echo(f"wrote {json_out} and {md}")

@@ -35,6 +35,7 @@ from gateway.engines.base import GenerationRequest, Message, SamplingParams
 from gateway.engines.local import LocalEngine
 from gateway.engines.policy import PolicyKit, local_kit
 from gateway.registry.targets import EcoPolicy, GuardPolicy, Target, UldPolicy
+from gateway.reports import write_json_report
 from models.assistant import AssistantRecipe
 from policies.eco import EcoParams
 from policies.guard import GuardParams, generic_words, load_sentence_encoder
@@ -351,14 +352,11 @@ async def _as_if_flagged(config: LeakageConfig, suite: TofuSuite, full: LocalEng
 
 
 def run(config: LeakageConfig, json_out: Path, progress: Progress = print) -> dict:
-    import json
-
     from evals.leakage_report import write_report
 
     report = asyncio.run(run_leakage(config, progress))
     report["version"] = _version()
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(json_out, report)
     write_report(report, json_out.with_suffix(".md"), json_out.parent)
     return report
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from gateway.admin.cli import targets_app
+from gateway.reports import write_json_report
 
 app = typer.Typer(help="OpenAI-compatible gateway that makes a served LLM forget named targets.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -141,7 +142,7 @@ def bench_overhead(
     from gateway.bench.overhead import run_overhead_bench
 
     report = run_overhead_bench(duration_s=duration, gateway_workers=gateway_workers)
-    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(json_out, report)
     typer.echo(json.dumps(report["metrics"], indent=2))
 
 
@@ -154,7 +155,7 @@ def bench_http_client(
     from gateway.bench.http_client import run_http_client_bench
 
     report = run_http_client_bench(duration_s=duration)
-    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(json_out, report)
     typer.echo(json.dumps(report["metrics"], indent=2))
 
 
@@ -211,7 +212,7 @@ def bench_reload(
     from gateway.bench.reload import run_reload_bench
 
     report = run_reload_bench(changes=changes, import_size=import_size, gateways=gateways, workers=workers)
-    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(json_out, report)
     typer.echo(json.dumps(report["metrics"], indent=2))
 
 
@@ -234,7 +235,7 @@ def bench_policies(
     from gateway.bench.policies import run_policies_bench
 
     report = run_policies_bench(repeats=repeats, tokens=tokens)
-    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(json_out, report)
     typer.echo(json.dumps({k: v for k, v in report["metrics"].items() if k != "guard_kernel"}, indent=2))
 
 
@@ -368,8 +369,7 @@ def tune_eco_command(
             _fail(error)
     out = report_dict(report, config, model)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(out, indent=2) + "\n")
+        write_json_report(json_out, out)
     typer.echo(json.dumps(out["metrics"], indent=2))
 
 

@@ -21,7 +21,6 @@ passing rate for ``--duration`` seconds. Memory growth is a least-squares slope 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -40,6 +39,7 @@ from gateway.bench import _load
 from gateway.bench._load import OpenLoopRun, Sample, ServerProcess, progress
 from gateway.bench.overhead import SYNTHETIC_CHUNKS, SYNTHETIC_INTERVAL_MS, WORKER_MAX_TOKENS, worker_model
 from gateway.bench.reload import Fleet, discover, wait_everywhere
+from gateway.reports import write_json_report
 
 UPSTREAMS = ("synthetic", "worker")
 GOAL_ERRORS = 0
@@ -568,6 +568,5 @@ def write_report(report: dict[str, Any], json_path: Path) -> Path:
     """The JSON report, and its Markdown summary with plots beside it; returns the Markdown path."""
     from gateway.bench.load_report import write_markdown
 
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(json_path, report)
     return write_markdown(report, json_path)
