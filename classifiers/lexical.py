@@ -37,6 +37,7 @@ MIN_FUZZY_TOKEN = 3
 MIN_PARTIAL_TOKEN = 4
 MIN_SUFFIX_STEM = 4
 SUFFIX = 1  # an inflection ending costs as much as one typo (but short names take endings, never typos)
+OPTIONS_CACHE = 100_000  # words whose name options are remembered per matcher
 EVERYDAY_ZIPF = 3.5  # the bar classifiers.aliases uses for "not an everyday word"
 _SUFFIXES = {"jr", "sr", "ii", "iii", "iv"}
 
@@ -136,6 +137,7 @@ class LexicalMatcher:
         self._by_ends: dict[tuple[str, ...], list[str]] = {}  # two-word names, for middle names in between
         self._deletes: dict[str, set[str]] = {}
         self._name_tokens: set[str] = set()
+        self._options: dict[str, tuple[dict[str, int], frozenset[str]]] = {}  # per-word cache (``_word_options``)
         for target_id, pats in patterns.items():
             for pattern in pats.full:
                 entries.setdefault(f" {pattern} ", []).append((target_id, "exact"))
@@ -203,31 +205,45 @@ class LexicalMatcher:
                     out.append(Mention(index, s, e, target_id, "fuzzy", 0.9))
         return out
 
+    def _word_options(self, word: str) -> tuple[dict[str, int], frozenset[str]]:
+        """The name tokens ``word`` may stand for, with their edit cost, and those it inflects. Depends only on
+        the word, so it is cached: prompts repeat everyday words, and the symmetric-deletion look-ups were most
+        of the lexical stage's time."""
+        cached = self._options.get(word)
+        if cached is not None:
+            return cached
+        options: dict[str, int] = {word: 0}
+        endings: set[str] = set()
+        for cut in (1, 2):  # inflected forms: "Weasleys", "Гермионы" (germiony), "Хогвартсе"
+            stem = word[:-cut]
+            if len(stem) >= MIN_SUFFIX_STEM and stem in self._name_tokens and stem not in options:
+                options[stem] = SUFFIX
+                endings.add(stem)
+        if word not in self._name_tokens and len(word) >= MIN_FUZZY_TOKEN and word.isalpha():
+            typos: dict[str, int] = {}
+            for key in (word, *_deletions(word)):
+                for token in self._deletes.get(key, ()):
+                    if token in typos or token in options:
+                        continue
+                    distance = OSA.distance(word, token, score_cutoff=_max_distance(token))
+                    if distance <= _max_distance(token):
+                        typos[token] = distance
+            if typos and not everyday_word(word):  # "shape" is a word, not a typo of "Snape"
+                options.update(typos)
+        if len(self._options) >= OPTIONS_CACHE:
+            self._options.clear()
+        result = (options, frozenset(endings))
+        self._options[word] = result
+        return result
+
     def _fuzzy(self, index: int, norm: Normalized, exact: list[Mention]) -> list[Mention]:
         if not self._deletes:
             return []
         words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"[a-z0-9]+", norm.text)]
         matches: list[dict[str, int]] = []
-        inflected: list[set[str]] = []  # per word: the name tokens it is an inflection of (not a typo)
+        inflected: list[frozenset[str]] = []  # per word: the name tokens it is an inflection of (not a typo)
         for _, _, word in words:
-            options: dict[str, int] = {word: 0}
-            endings: set[str] = set()
-            for cut in (1, 2):  # inflected forms: "Weasleys", "Гермионы" (germiony), "Хогвартсе"
-                stem = word[:-cut]
-                if len(stem) >= MIN_SUFFIX_STEM and stem in self._name_tokens and stem not in options:
-                    options[stem] = SUFFIX
-                    endings.add(stem)
-            if word not in self._name_tokens and len(word) >= MIN_FUZZY_TOKEN and word.isalpha():
-                typos: dict[str, int] = {}
-                for key in (word, *_deletions(word)):
-                    for token in self._deletes.get(key, ()):
-                        if token in typos or token in options:
-                            continue
-                        distance = OSA.distance(word, token, score_cutoff=_max_distance(token))
-                        if distance <= _max_distance(token):
-                            typos[token] = distance
-                if typos and not everyday_word(word):  # "shape" is a word, not a typo of "Snape"
-                    options.update(typos)
+            options, endings = self._word_options(word)
             matches.append(options)
             inflected.append(endings)
         out: list[Mention] = []

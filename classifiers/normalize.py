@@ -16,6 +16,7 @@ text maps back to exact character spans of the prompt (ECO corrupts exactly thos
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
@@ -62,6 +63,11 @@ def _is_alphabetic_script(ch: str) -> bool:
 
 def normalize(text: str) -> Normalized:
     """Fold ``text`` for matching; see the module docstring."""
+    return _normalize_ascii(text) if text.isascii() else _normalize_chars(text)
+
+
+def _normalize_chars(text: str) -> Normalized:
+    """The general case, one character at a time."""
     out: list[str] = [" "]
     origin: list[int] = [0]
     for index, ch in enumerate(text):
@@ -83,6 +89,29 @@ def normalize(text: str) -> Normalized:
     if out[-1] != " ":
         out.append(" ")
         origin.append(max(len(text) - 1, 0))
+    return Normalized("".join(out), tuple(origin))
+
+
+_ASCII_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+def _normalize_ascii(text: str) -> Normalized:
+    """``normalize`` for pure-ASCII text (most prompts), word runs at a time instead of character by character:
+    the same output and origins, several times faster."""
+    out: list[str] = [" "]
+    origin: list[int] = [0]
+    previous_end = -1
+    for match in _ASCII_WORD.finditer(text):
+        start, end = match.span()
+        if previous_end >= 0:
+            out.append(" ")
+            origin.append(previous_end)
+        out.append(text[start:end].lower())
+        origin.extend(range(start, end))
+        previous_end = end
+    if previous_end >= 0:
+        out.append(" ")
+        origin.append(previous_end if previous_end < len(text) else len(text) - 1)
     return Normalized("".join(out), tuple(origin))
 
 
