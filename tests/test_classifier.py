@@ -72,6 +72,16 @@ def test_normalize_folds_case_diacritics_width_and_scripts():
     assert folded.span(start, start + 3) == (5, 8)
 
 
+def test_ascii_fast_path_folds_exactly_like_the_general_path():
+    from classifiers.normalize import _normalize_ascii, _normalize_chars
+
+    rng = np.random.default_rng(0)
+    alphabet = list("abcXYZ0919 ,.-'?!_\n\t()")
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 40))))
+        assert _normalize_ascii(text) == _normalize_chars(text), repr(text)
+
+
 def test_lexical_exact_alias_typo_and_word_boundaries():
     matcher = LexicalMatcher({t.id: target_patterns(t.name, t.aliases) for t in TARGETS})
     text = "Did ORLA VANTREMONT, or o. vantremont, meet Bastien Korlof at the Vantremontville fair?"
