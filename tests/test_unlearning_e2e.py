@@ -98,3 +98,46 @@ def test_no_request_field_switches_the_policy_off(gateway_and_admin):
         model="demo", messages=[{"role": "user", "content": FORGET_Q}], max_tokens=40, temperature=0, stream=True)
         if c.choices)
     assert MEMORISED not in streamed and "Carmen Montenegro" in streamed
+
+
+def _counted_setups(server) -> list[str]:
+    """Request ids the gateway's policy set-up runs for, from here on: the real ``Unlearner.apply``, counted."""
+    unlearner = server.app.state.openai_handler.unlearner
+    real, seen = unlearner.apply, []
+
+    def apply(verdict, request):
+        seen.append(request.request_id)
+        return real(verdict, request)
+
+    unlearner.apply = apply
+    return seen
+
+
+@pytest.mark.parametrize("policy", [{"method": "guard"}, {"method": "eco", "scope": "prompt"}])
+def test_n_choices_share_one_policy_setup_per_prompt(gateway_and_admin, policy):
+    server, admin = gateway_and_admin
+    set_target(server, admin, policy)
+    setups = _counted_setups(server)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    flagged = f"flagged; policy={policy['method']}"
+
+    def chat(n: int, **sampling) -> list[str]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="demo", messages=[{"role": "user", "content": FORGET_Q}], max_tokens=24, n=n, **sampling)
+        assert raw.headers.get("x-unlearn-decision") == flagged
+        return [c.message.content for c in sorted(raw.parse().choices, key=lambda c: c.index)]
+
+    greedy = chat(2, temperature=0)
+    assert len(setups) == 1 and len(greedy) == 2 and greedy[0] == greedy[1]
+    assert MEMORISED.lower() not in greedy[0].lower(), greedy[0]
+    # Each choice keeps its own sampling: choice i of seed 7 is what a single request with seed 7 + i gets.
+    assert chat(2, temperature=1.0, seed=7) == [*chat(1, temperature=1.0, seed=7), *chat(1, temperature=1.0, seed=8)]
+
+    setups.clear()
+    prompts = [f"<|user|>\n{q}<|end|>\n<|assistant|>\n" for q in (FORGET_Q, "Which books did Carmen Montenegro write?")]
+    raw = client.completions.with_raw_response.create(model="demo", prompt=prompts, n=2, max_tokens=24, temperature=0)
+    assert raw.headers.get("x-unlearn-decision") == flagged
+    texts = [c.text for c in sorted(raw.parse().choices, key=lambda c: c.index)]
+    assert len(setups) == 2 and len(texts) == 4  # one set-up per prompt (GUARD reads each prompt), not per choice
+    assert texts[0] == texts[1] and texts[2] == texts[3]
+    assert all(MEMORISED.lower() not in t.lower() for t in texts), texts

@@ -145,9 +145,16 @@ class OpenAIHandler:
         if verdict.method == "refuse":
             return self.unlearner.refusal(verdict)
         # Policy set-up tokenises facts and builds embeddings (milliseconds to hundreds of them): off the event
-        # loop, so one flagged request does not stall every stream this worker relays.
+        # loop, so one flagged request does not stall every stream this worker relays. It depends on the prompt
+        # and the verdict only (ECO's noise comes from the policy's seed, not the request's), and the choices of
+        # one prompt differ only in id and sampling: build it once per prompt and give each choice its own.
+        applied: dict[int, GenerationRequest] = {}
         for choice in choices:
-            choice.request = await asyncio.to_thread(self.unlearner.apply, verdict, choice.request)
+            if choice.prompt_index not in applied:
+                applied[choice.prompt_index] = await asyncio.to_thread(self.unlearner.apply, verdict, choice.request)
+            policy = applied[choice.prompt_index]
+            choice.request = replace(policy, request_id=choice.request.request_id, sampling=choice.request.sampling,
+                                     logits_processors=list(policy.logits_processors))
         return None
 
     def _output_guard(self, request: Request, prompt: Iterable[str]) -> RequestGuard | None:
