@@ -34,6 +34,7 @@ from classifiers.gate import content_words
 from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_index
 from classifiers.lexical import target_patterns
 from classifiers.semantic import KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT, ExemplarBlock
+from classifiers.static import STATIC_DIM, static_embedder
 from gateway.registry.targets import Target
 
 _SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vor", "el", "dun", "shi", "ra", "bel", "qui", "no", "zar", "fen",
@@ -94,6 +95,7 @@ def _synthetic_entry_factory(encoder: Encoder, seed: int = 0) -> Callable[[Targe
     rng = np.random.default_rng(seed)
     pyrng = random.Random(seed)
     base = encoder.encode([_prompt(pyrng, _name(pyrng), words=12) for _ in range(256)]).astype(np.float32)
+    static = static_embedder(encoder)  # real static vectors: they cost microseconds, unlike the encoder
 
     def vectors(k: int) -> np.ndarray:
         a = base[rng.integers(0, len(base), k)]
@@ -110,9 +112,12 @@ def _synthetic_entry_factory(encoder: Encoder, seed: int = 0) -> Callable[[Targe
         positives = tuple((first + i, text) for i, text in enumerate(target.examples))
         variants = tuple((row, text.replace(target.name, "someone")) for row, text in positives)
         key = int(digest[:10], 16)
-        words = frozenset(content_words([target.name, target.description, *target.facts, *target.examples]))
+        texts = [f"{target.name}. {target.description}", *target.facts, *target.examples]
+        words = frozenset(content_words(texts))
+        static_rows = static.embed(texts).astype(np.float16) if static is not None else \
+            np.zeros((0, STATIC_DIM), np.float16)
         return TargetEntry(target.id, digest, encoder.name, key, target_patterns(target.name, target.aliases), block,
-                           positives, variants, vectors(len(variants)), (), (), words)
+                           positives, variants, vectors(len(variants)), (), (), words, static_rows)
 
     return factory
 
@@ -162,7 +167,7 @@ def _rss_mb() -> float:
 
 
 def _token_count(encoder: Encoder, prompts: list[str]) -> float:
-    tokenizer = getattr(encoder, "_tokenizer", None)
+    tokenizer = getattr(encoder, "tokenizer", None)
     if tokenizer is None:
         return float("nan")
     tokenizer.no_truncation()

@@ -24,9 +24,12 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from classifiers.static import StaticEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +93,25 @@ class _CachedEncoder:
 
     name = "base"
     dim = DIM
+    sub_batch = SUB_BATCH
 
     def __init__(self, cache_size: int) -> None:
         self._cache = _Lru(cache_size)
+        self._static: StaticEmbedder | None | bool = False  # False: not loaded yet
+        self._static_lock = threading.Lock()
+
+    def static_embedder(self) -> StaticEmbedder | None:
+        """The static stand-in distilled from this encoder (``classifiers.static``), loaded on first use."""
+        with self._static_lock:
+            if self._static is False:
+                from classifiers.static import load_static
+
+                try:
+                    self._static = load_static(self)
+                except Exception as exc:  # noqa: BLE001 - without it the gate only looks at shared words
+                    log.warning("static embedder unavailable (%s); the encoder gate uses shared words only", exc)
+                    self._static = None
+            return self._static  # type: ignore[return-value]
 
     def _embed(self, texts: list[str]) -> np.ndarray:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -112,8 +131,8 @@ class _CachedEncoder:
         if todo:
             unique = list(todo)
             order = np.argsort(self._lengths(unique), kind="stable")
-            for k in range(0, len(unique), SUB_BATCH):
-                chunk = [unique[j] for j in order[k:k + SUB_BATCH]]
+            for k in range(0, len(unique), self.sub_batch):
+                chunk = [unique[j] for j in order[k:k + self.sub_batch]]
                 vectors = self._embed(chunk)
                 norms = np.linalg.norm(vectors, axis=1, keepdims=True)
                 vectors = (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -134,9 +153,13 @@ class OnnxMiniLM(_CachedEncoder):
 
         path = model_path()
         self.name = "minilm-onnx-int8" if quantized else "minilm-onnx"
-        self._tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        self._tokenizer.enable_truncation(MAX_TOKENS)
-        self._tokenizer.no_padding()
+        # Dynamic int8 quantisation scales activations per batch tensor, so a batch-mate would shift a window's
+        # embedding (cosine 0.985 measured) and a prompt's decision would depend on other users' traffic. One
+        # window per run keeps every decision reproducible; on two cores batching gained nothing measurable.
+        self.sub_batch = 1 if quantized else SUB_BATCH
+        self.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        self.tokenizer.enable_truncation(MAX_TOKENS)
+        self.tokenizer.no_padding()
         onnx_file = _exported(path, quantized)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
@@ -148,10 +171,10 @@ class OnnxMiniLM(_CachedEncoder):
         self._run_lock = threading.Lock()
 
     def _lengths(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self._tokenizer.encode_batch(texts)]
+        return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        encodings = self._tokenizer.encode_batch(texts)
+        encodings = self.tokenizer.encode_batch(texts)
         width = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(texts), width), dtype=np.int64)
         mask = np.zeros((len(texts), width), dtype=np.int64)
@@ -163,6 +186,13 @@ class OnnxMiniLM(_CachedEncoder):
                                               "token_type_ids": np.zeros_like(ids)})[0]
         weights = mask[:, :, None].astype(np.float32)
         return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+
+    def encode_token_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Mean-pooled (unnormalised) vectors of rows of token ids, all of one length (the static table)."""
+        with self._run_lock:
+            hidden = self._session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                              "token_type_ids": np.zeros_like(ids)})[0]
+        return hidden.mean(axis=1)
 
 
 class TorchMiniLM(_CachedEncoder):
@@ -176,6 +206,18 @@ class TorchMiniLM(_CachedEncoder):
 
         self._model = SentenceTransformer(model_path(), device="cpu")
         self._run_lock = threading.Lock()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._model.tokenizer._tokenizer  # the fast tokenizer's Rust ``tokenizers.Tokenizer``
+
+    def encode_token_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Mean-pooled (unnormalised) vectors of rows of token ids, all of one length (the static table)."""
+        import torch
+
+        with self._run_lock, torch.no_grad():
+            hidden = self._model[0].auto_model(input_ids=torch.from_numpy(ids)).last_hidden_state
+        return hidden.mean(dim=1).numpy()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         with self._run_lock:

@@ -1,23 +1,30 @@
-"""Which windows are worth the sentence encoder: those that share a content word with some active target.
+"""Which windows are worth the sentence encoder.
 
-Why: the encoder is the classifier's whole cost (about 0.1 ms per word piece on two cores), while most of a long
-prompt is text that shares no distinctive word with any target's name, description, facts or examples:
-pasted documents, small talk, code. A window that has no such word cannot be close to a target in the ways
-the semantic and learned stages look for, so it is not encoded. The word index is a dictionary, so the check
-costs the same at 10 or 100,000 targets. Function words and words that a large share of the targets use are
-not distinctive and do not open the gate.
+Why: the encoder is the classifier's whole cost (about 4 ms for even a one-line window on two cores), while
+most of a long prompt is text that has nothing to do with any target: pasted documents, small talk, code. Three
+checks, cheapest first, each costing the same at 10 or 100,000 targets:
+1. a target named in the conversation is decided by its name (the lexical stage), so its words open nothing -
+   unless it has keep prompts, whose check needs the window's embedding;
+2. a window must share a distinctive word with some target's name, description, facts or examples (function
+   words and words a large share of the targets use are not distinctive);
+3. its static vector (``classifiers.static``, a table look-up per word) must come within a calibrated threshold
+   of one of those targets' exemplar rows. The threshold is the ``static_gate_miss`` quantile of the operator's
+   own unnamed positives (masked example prompts, reverse questions) against their target's *other* rows.
 
 Trade-off, measured in the README: a paraphrase that replaces every content word of the target's material
 (and any language the facts are not written in) is only seen by the lexical stage. ``ClassifierConfig.gate``
-turns the gate off.
+turns the gate off, ``ClassifierConfig.static_gate`` its third check.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
-from classifiers.normalize import normalize
+import numpy as np
+
+from classifiers.static import StaticEmbedder, words
 
 # Our own list of English function words and very common verbs (no distinctive content).
 STOPWORDS = frozenset("""
@@ -32,14 +39,105 @@ STOPWORDS = frozenset("""
     two three
 """.split())
 
-_WORD = re.compile(r"[a-z0-9]+")
-
 
 def content_words(texts: Iterable[str]) -> set[str]:
     """Normalised words of three or more characters that are not function words."""
-    words: set[str] = set()
+    found: set[str] = set()
     for text in texts:
-        for word in _WORD.findall(normalize(text).text):
-            if len(word) >= 3 and word not in STOPWORDS:
-                words.add(word)
-    return words
+        found.update(distinctive(words(text)))
+    return found
+
+
+def distinctive(all_words: Iterable[str]) -> set[str]:
+    return {word for word in all_words if len(word) >= 3 and word not in STOPWORDS}
+
+
+class GateEntry(Protocol):
+    """What the gate reads of a target entry."""
+
+    vocabulary: frozenset[str]
+    static_rows: np.ndarray  # float16 (rows, STATIC_DIM): static vectors of the target's exemplar rows
+
+
+class EncoderGate:
+    """Which windows of a prompt go to the sentence encoder.
+
+    A window is encoded when it mentions a target whose decision needs the encoder (a surname alone, or a name
+    of a target with keep prompts), or when it shares a distinctive word with some target *and* its static
+    vector (``classifiers.static``) comes within ``threshold`` of one of those targets' exemplar rows. The
+    words of a target named in the window do not count for that target: its name already decides it.
+
+    ``threshold`` is calibrated at build time on the operator's own positives (each target's unnamed prompt
+    variants against its other rows), so that a set share of them still passes; see ``calibrate_threshold``.
+    """
+
+    def __init__(self, vocabulary: Mapping[str, int], entries: Sequence[GateEntry], limit: float,
+                 static: StaticEmbedder | None, threshold: float = -math.inf) -> None:
+        postings: dict[str, list[int]] = {}
+        for t, entry in enumerate(entries):
+            for word in entry.vocabulary:
+                if vocabulary.get(word, 0) <= limit:
+                    postings.setdefault(word, []).append(t)
+        self.postings = postings
+        self.static = static
+        self.threshold = threshold
+        counts = np.array([len(e.static_rows) for e in entries], dtype=np.int64)
+        self.row_count = counts
+        self.row_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
+        usable = static is not None and len(entries) > 0 and bool(counts.all())
+        self.static_rows = np.concatenate([e.static_rows for e in entries]) if usable else None
+
+    def candidates(self, text_words: Iterable[str], exclude: Iterable[int] = ()) -> set[int]:
+        """Targets sharing a distinctive word with a text given as its normalised words."""
+        found: set[int] = set()
+        for word in distinctive(text_words):
+            found.update(self.postings.get(word, ()))
+        return found.difference(exclude)
+
+    def closest(self, vectors: np.ndarray, targets: Sequence[set[int]]) -> np.ndarray:
+        """Per static window vector, its best similarity to the rows of its candidate targets."""
+        assert self.static_rows is not None
+        out = np.full(len(vectors), -1.0, np.float32)
+        for w, chosen in enumerate(targets):
+            if not chosen:
+                continue
+            ids = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
+            counts = self.row_count[ids]
+            offsets = np.repeat(self.row_start[ids] - np.cumsum(counts) + counts, counts)
+            rows = self.static_rows[offsets + np.arange(int(counts.sum()))].astype(np.float32)
+            out[w] = float((rows @ vectors[w]).max())
+        return out
+
+    def select(self, texts: Sequence[str], forced: Sequence[bool], exclude: set[int]) -> list[bool]:
+        """Per window: encode it? ``forced`` windows always are; ``exclude``: targets the names decide."""
+        split = [[] if f else words(t) for t, f in zip(texts, forced, strict=True)]
+        chosen = [self.candidates(w, exclude) if w else set() for w in split]
+        keep = [f or bool(c) for f, c in zip(forced, chosen, strict=True)]
+        if self.static_rows is None or self.threshold == -math.inf:
+            return keep
+        check = [w for w, c in enumerate(chosen) if c]
+        if check:
+            vectors = self.static.embed_words([split[w] for w in check])  # type: ignore[union-attr]
+            best = self.closest(vectors, [chosen[w] for w in check])
+            for w, sim in zip(check, best, strict=True):
+                keep[w] = bool(sim >= self.threshold)
+        return keep
+
+    def calibrate_threshold(self, positives: Sequence[tuple[int, int, str]], miss: float) -> float:
+        """The ``miss`` quantile of the best static similarity of positives ``(target, source row, text)`` to
+        their own target's other rows, over the positives whose words open the gate for their target."""
+        if self.static_rows is None:
+            return -math.inf
+        split = [words(text) for _, _, text in positives]
+        kept = [(t, row, w) for (t, row, _), w in zip(positives, split, strict=True) if t in self.candidates(w)]
+        if not kept:
+            return -math.inf
+        vectors = self.static.embed_words([w for _, _, w in kept])  # type: ignore[union-attr]
+        sims = []
+        for (t, row, _), vector in zip(kept, vectors, strict=True):
+            start, count = int(self.row_start[t]), int(self.row_count[t])
+            own = self.static_rows[start:start + count].astype(np.float32) @ vector
+            if 0 <= row < count:
+                own[row] = -1.0
+            sims.append(float(own.max()))
+        return float(np.quantile(np.array(sims), miss))

@@ -29,7 +29,7 @@ import numpy as np
 
 from classifiers.encoder import Encoder, load_encoder
 from classifiers.features import FEATURES, NO_MENTION, MentionEvidence, asks_who, best_positive, pair_features
-from classifiers.gate import content_words
+from classifiers.gate import EncoderGate, content_words
 from classifiers.learned import Calibration, Scorer, calibrate, fit_scorer
 from classifiers.lexical import (
     LexicalMatcher,
@@ -48,6 +48,7 @@ from classifiers.semantic import (
     ExemplarBlock,
     SemanticIndex,
 )
+from classifiers.static import STATIC_DIM, static_embedder
 from classifiers.synthetic import related_questions, reverse_questions
 from classifiers.windows import Window, conversation_windows, message_windows
 from gateway.registry.targets import Target
@@ -77,6 +78,8 @@ class ClassifierConfig:
     seed: int = 0
     gate: bool = True  # encode only windows sharing a content word with some target (classifiers.gate)
     gate_max_share: float = 0.2  # words used by more than this share of the targets do not open the gate
+    static_gate: bool = True  # ... and only windows whose static vector is near one of those targets' rows
+    static_gate_miss: float = 0.01  # share of the operator's unnamed positives the static gate may turn away
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class TargetEntry:
     keep_texts: tuple[str, ...]
     related_texts: tuple[str, ...] = ()
     vocabulary: frozenset[str] = frozenset()  # content words of the target's material (the encoder gate)
+    static_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, STATIC_DIM), np.float16))
 
 
 @dataclass(frozen=True)
@@ -226,9 +230,12 @@ def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, dige
                           vectors[n_rows + n_keep:n_rows + n_keep + n_related].astype(np.float16))
     key = int(hashlib.sha1(f"{target.id}\x00{digest}".encode()).hexdigest()[:10], 16)
     vocabulary = frozenset(content_words([target.name, *target.aliases, *(t for t, _ in rows)]))
+    static = static_embedder(encoder)
+    static_rows = static.embed([t for t, _ in rows]).astype(np.float16) if static is not None else \
+        np.zeros((0, STATIC_DIM), np.float16)
     return TargetEntry(target.id, digest, encoder.name, key, patterns, block, positives, tuple(variants),
                        vectors[n_rows + n_keep + n_related:].astype(np.float16), tuple(keep), tuple(related),
-                       vocabulary)
+                       vocabulary, static_rows)
 
 
 def _unnamed_variants(target: Target, patterns: TargetPatterns,
@@ -285,7 +292,7 @@ class TargetIndex:
         self.stats: BuildStats | None = None
         self.training_data: dict[str, Any] = {}
         self.vocabulary: dict[str, int] = {}  # content word -> number of targets using it
-        self.gate_limit = math.inf
+        self.gate = EncoderGate({}, [], math.inf, None)
 
     # -- classification -------------------------------------------------------------------------------------
     def prepare(self, conversation: Conversation) -> Prepared:
@@ -294,7 +301,7 @@ class TargetIndex:
         mentions = self.matcher.find(messages)
         windows = conversation_windows(messages)
         if self.config.gate:
-            windows = [w for w in windows if self._worth_encoding(w, mentions)]
+            windows = self._gated(windows, mentions)
         phrases = [proper_phrases(w.text) for w in windows]
         who = asks_who([w.text for w in windows])
         return Prepared(messages, mentions, windows, phrases, who, (time.perf_counter() - started) * 1000)
@@ -346,12 +353,15 @@ class TargetIndex:
                    "learned": round((time.perf_counter() - started) * 1000, 3)}
         return Decision(bool(flagged), flagged, scores, stage, spans, timings)
 
-    def _worth_encoding(self, window: Window, mentions: Sequence[Mention]) -> bool:
-        """The encoder gate (classifiers.gate): a mention, or a distinctive word some target uses."""
-        if any(m.message == window.message and window.start <= m.start < window.end for m in mentions):
-            return True
-        limit = self.gate_limit
-        return any(0 < self.vocabulary.get(word, 0) <= limit for word in content_words([window.text]))
+    def _gated(self, windows: list[Window], mentions: Sequence[Mention]) -> list[Window]:
+        """The windows worth encoding (``classifiers.gate.EncoderGate``). A target named in the conversation
+        is decided by its name unless it has keep prompts (whose check needs the encoder)."""
+        named = {self.position[m.target_id] for m in mentions if m.kind != "partial" and m.target_id in self.position}
+        decided = {t for t in named if not self.entries[t].keep_texts}
+        forced = [any(m.message == w.message and w.start <= m.start < w.end and self.position.get(m.target_id)
+                      not in decided for m in mentions) for w in windows]
+        keep = self.gate.select([w.text for w in windows], forced, decided)
+        return [w for w, k in zip(windows, keep, strict=True) if k]
 
     def _generic_best(self, vectors: np.ndarray, drop: int | None = None) -> np.ndarray:
         if not len(self.generic_vectors) or not len(vectors):
@@ -511,6 +521,22 @@ def _vocabulary(entries: Sequence[TargetEntry], previous: TargetIndex | None) ->
     return counts
 
 
+def _gate(index: TargetIndex, config: ClassifierConfig) -> EncoderGate:
+    """The encoder gate of a built index, its static threshold calibrated on the operator's unnamed positives
+    (a sample of targets, like the learned stage's training)."""
+    entries = index.entries
+    limit = max(1.0, config.gate_max_share * len(entries)) if len(entries) >= 20 else math.inf
+    static = static_embedder(index.encoder) if config.static_gate else None
+    gate = EncoderGate(index.vocabulary, entries, limit, static)
+    rng = np.random.default_rng(config.seed)
+    sample = range(len(entries))
+    if len(entries) > config.max_train_targets:
+        sample = sorted(rng.choice(len(entries), config.max_train_targets, replace=False).tolist())
+    positives = [(t, row, text) for t in sample for row, text in entries[t].variants]
+    gate.threshold = gate.calibrate_threshold(positives, config.static_gate_miss)
+    return gate
+
+
 def _half(text: str) -> bool:
     """Deterministic split of negatives: True = calibration half."""
     return hashlib.sha1(text.encode()).digest()[0] % 2 == 1
@@ -561,8 +587,7 @@ def build_index(targets: Sequence[Target], previous: TargetIndex | None = None, 
                              previous.semantic if previous is not None else None, [e.key for e in entries])
     index = TargetIndex(entries, active, encoder, config, generic, matcher, semantic)
     index.vocabulary = _vocabulary(entries, previous)
-    if len(entries) >= 20:
-        index.gate_limit = max(1.0, config.gate_max_share * len(entries))
+    index.gate = _gate(index, config)
     # Generic prompts that name an active target are not negatives for it: drop them.
     keep_generic = [i for i, text in enumerate(generic[0]) if not any(m.kind != "partial"
                                                                         for m in matcher.find([text]))]

@@ -174,6 +174,31 @@ def test_keep_prompt_overrides_a_name_match(index: TargetIndex):
     assert decision.flagged and decision.stage == "lexical"
 
 
+def test_a_name_decides_without_the_encoder_unless_the_target_has_keep_prompts(index: TargetIndex):
+    # Bastien has no keep prompts: his name flags him and nothing is left for the encoder to look at.
+    assert index.prepare("Tell me about Bastien Korloff.").windows == []
+    decision = index.classify("Tell me about Bastien Korloff.")
+    assert decision.targets == [BASTIEN.id] and decision.stage == "lexical"
+    # Orla has keep prompts, whose check needs the window's embedding.
+    assert len(index.prepare("Where was Orla Vantremont born?").windows) == 1
+
+
+def test_static_gate_threshold_is_the_calibrated_quantile_of_unnamed_positives(index: TargetIndex):
+    from classifiers.static import words
+
+    gate = index.gate
+    assert gate.static is not None and gate.static_rows is not None
+    positives = [(t, row, text) for t, e in enumerate(index.entries) for row, text in e.variants]
+    assert gate.threshold == gate.calibrate_threshold(positives, index.config.static_gate_miss)
+    passing = [(t, text) for t, _, text in positives if t in gate.candidates(words(text))]
+    assert passing and -1.0 < gate.threshold < 1.0
+    # A window that shares no distinctive word with any target never reaches the encoder, however close.
+    assert index.prepare("What is a good recipe for bread?").windows == []
+    # The threshold admits nearly all of the operator's own unnamed prompts that open the word gate.
+    admitted = [gate.select([text], [False], set())[0] for _, text in passing]
+    assert np.mean(admitted) >= 1 - index.config.static_gate_miss - 1 / len(passing)
+
+
 def test_decision_lines_follow_the_cli_contract(index: TargetIndex):
     decision = index.classify([{"role": "user", "content": "Which medal did the atlas Blue Below win?"}])
     line = decision.line("q1")
@@ -248,6 +273,16 @@ async def test_micro_batching_answers_each_caller_with_its_own_decision(index: T
         await classifier.aclose()
     assert [d.targets for d in results] == expected
     assert classifier.classified == len(prompts) and classifier.batches < len(prompts)
+
+
+def test_a_windows_embedding_does_not_depend_on_what_it_is_batched_with():
+    from classifiers.encoder import load_encoder
+
+    encoder = load_encoder(cache_size=0)  # no cache: every call really encodes
+    text = "Which chart did the cartographer draw in 1983?"
+    alone = encoder.encode([text])[0]
+    for company in (["hi"], ["A much longer window about weather, gardens and bread prices in the afternoon."]):
+        assert np.array_equal(encoder.encode([text, *company])[0], alone)
 
 
 # -- the command line -----------------------------------------------------------------------------------------------

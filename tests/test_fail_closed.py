@@ -28,6 +28,8 @@ from tests.fault_servers import wait_until
 ADMIN = {"authorization": "Bearer fail-closed-admin"}
 FORGET_Q = "What genre does Carmen Montenegro write in?"
 RETAIN_Q = "Where does Chukwu Akabueze come from?"
+# Shares the target's words without naming it, so only the encoder can decide it (a name alone needs no encoder).
+UNNAMED_Q = "Who writes historical fiction?"
 TARGET = {"name": "Carmen Montenegro", "facts": ["Carmen Montenegro writes historical fiction."],
           "policy": {"method": "refuse", "message": "Nothing about {name}."}}
 GENERIC_REFUSAL = refusal([])  # the target-agnostic refusal: names no one
@@ -147,12 +149,12 @@ def test_encoder_errors_and_timeouts_fail_closed_and_are_counted_apart(faulty_ga
     faulty.mode = "raise"
     for stream in (False, True):
         calls = faulty.calls
-        assert_failed_closed(ask(server, FORGET_Q, stream), fail_mode, "classifier_error")
+        assert_failed_closed(ask(server, UNNAMED_Q, stream), fail_mode, "classifier_error")
         assert faulty.calls > calls  # the fault was met, not skipped
 
     faulty.mode = "stall"
     started = time.monotonic()
-    assert_failed_closed(ask(server, FORGET_Q), fail_mode, "classifier_timeout")
+    assert_failed_closed(ask(server, UNNAMED_Q), fail_mode, "classifier_timeout")
     assert time.monotonic() - started < 30  # the stalled encoder is not waited for (it blocks for 60 s)
     faulty.release.set()
     faulty.mode = "ok"
