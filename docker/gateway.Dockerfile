@@ -20,11 +20,11 @@ COPY evals ./evals
 # `otel`: tracing stays off until UNLEARN_OTEL_ENDPOINT is set, but needs no install step then.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[otel]"
-# Export the packaged MiniLM encoder to (int8) ONNX now, into a folder the image ships, and prove that both the
-# encoder and the demo model load with the hub switched off.
+# Export the packaged MiniLM encoder to (int8) ONNX and distil its static token table (the encoder gate) now,
+# into a folder the image ships, and prove that both the encoder and the demo model load with the hub switched off.
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNLEARN_CACHE_DIR=/opt/unlearn/cache
 WORKDIR /
-RUN python -c "from classifiers.encoder import load_encoder; print(load_encoder().encode(['warm up']).shape)" \
+RUN python -c "from classifiers.encoder import load_encoder; e = load_encoder(); print(e.encode(['warm up']).shape, e.static_embedder() is not None)" \
  && python -c "from models import resolve_model_path; print(resolve_model_path('demo'))"
 
 FROM python:3.11.11-slim-bookworm AS runtime
