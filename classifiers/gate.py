@@ -52,6 +52,9 @@ def distinctive(all_words: Iterable[str]) -> set[str]:
     return {word for word in all_words if len(word) >= 3 and word not in STOPWORDS}
 
 
+STATIC_MAX_ROWS = 20_000  # a static check over more candidate rows costs about as much as encoding the window
+
+
 class GateEntry(Protocol):
     """What the gate reads of a target entry."""
 
@@ -78,14 +81,13 @@ class EncoderGate:
             for word in entry.vocabulary:
                 if vocabulary.get(word, 0) <= limit:
                     postings.setdefault(word, []).append(t)
-        self.postings = postings
+        self.postings = {word: tuple(targets) for word, targets in postings.items()}  # tuples: no spare room
         self.static = static
         self.threshold = threshold
-        counts = np.array([len(e.static_rows) for e in entries], dtype=np.int64)
-        self.row_count = counts
-        self.row_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
-        usable = static is not None and len(entries) > 0 and bool(counts.all())
-        self.static_rows = np.concatenate([e.static_rows for e in entries]) if usable else None
+        # The entries' own arrays, not one concatenated copy: at 100,000 targets a copy would cost 64 MB more.
+        self.row_count = np.array([len(e.static_rows) for e in entries], dtype=np.int64)
+        usable = static is not None and len(entries) > 0 and bool(self.row_count.all())
+        self.static_rows: list[np.ndarray] | None = [e.static_rows for e in entries] if usable else None
 
     def candidates(self, text_words: Iterable[str], exclude: Iterable[int] = ()) -> set[int]:
         """Targets sharing a distinctive word with a text given as its normalised words."""
@@ -102,9 +104,10 @@ class EncoderGate:
             if not chosen:
                 continue
             ids = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
-            counts = self.row_count[ids]
-            offsets = np.repeat(self.row_start[ids] - np.cumsum(counts) + counts, counts)
-            rows = self.static_rows[offsets + np.arange(int(counts.sum()))].astype(np.float32)
+            if self.row_count[ids].sum() > STATIC_MAX_ROWS:
+                out[w] = math.inf  # comparing would cost about what encoding does: let the encoder decide
+                continue
+            rows = np.concatenate([self.static_rows[t] for t in chosen]).astype(np.float32)
             out[w] = float((rows @ vectors[w]).max())
         return out
 
@@ -132,12 +135,11 @@ class EncoderGate:
         kept = [(t, row, w) for (t, row, _), w in zip(positives, split, strict=True) if t in self.candidates(w)]
         if not kept:
             return -math.inf
-        vectors = self.static.embed_words([w for _, _, w in kept])  # type: ignore[union-attr]
+        vectors = self.static.embed_words([w for _, _, w in kept], remember=False)  # type: ignore[union-attr]
         sims = []
         for (t, row, _), vector in zip(kept, vectors, strict=True):
-            start, count = int(self.row_start[t]), int(self.row_count[t])
-            own = self.static_rows[start:start + count].astype(np.float32) @ vector
-            if 0 <= row < count:
+            own = self.static_rows[t].astype(np.float32) @ vector
+            if 0 <= row < len(own):
                 own[row] = -1.0
             sims.append(float(own.max()))
         return float(np.quantile(np.array(sims), miss))

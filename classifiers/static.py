@@ -44,7 +44,7 @@ class StaticEmbedder:
 
     name = "minilm-static"
     dim = STATIC_DIM
-    cache_size = 200_000
+    cache_size = 20_000  # words of live prompts; index builds do not fill it (their names are one-offs)
 
     def __init__(self, tokenizer: Any, table: np.ndarray, weights: np.ndarray) -> None:
         self._tokenizer = tokenizer
@@ -52,23 +52,24 @@ class StaticEmbedder:
         self._weights = weights  # float32 (vocabulary,)
         self._words: dict[str, tuple[np.ndarray, float]] = {}
 
-    def _word(self, word: str) -> tuple[np.ndarray, float]:
+    def _word(self, word: str, remember: bool) -> tuple[np.ndarray, float]:
         cached = self._words.get(word)
         if cached is None:
             ids = self._tokenizer.encode(word, add_special_tokens=False).ids
             cached = (self._table[ids].sum(axis=0), float(self._weights[ids].sum()))
-            if len(self._words) >= self.cache_size:
-                self._words.clear()
-            self._words[word] = cached
+            if remember:
+                if len(self._words) >= self.cache_size:
+                    self._words.clear()
+                self._words[word] = cached
         return cached
 
-    def embed_words(self, windows: Sequence[Sequence[str]]) -> np.ndarray:
-        """One vector per window given as its normalised words."""
+    def embed_words(self, windows: Sequence[Sequence[str]], remember: bool = True) -> np.ndarray:
+        """One vector per window given as its normalised words (``remember``: cache the words' vectors)."""
         out = np.zeros((len(windows), self.dim), np.float32)
         for i, words in enumerate(windows):
             total = 0.0
             for word in words:
-                vector, weight = self._word(word)
+                vector, weight = self._word(word, remember)
                 out[i] += vector
                 total += weight
             if total > 0:
@@ -77,7 +78,8 @@ class StaticEmbedder:
         return out / np.maximum(norms, 1e-12)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self.embed_words([words(text) for text in texts])
+        """Vectors of exemplar texts (index builds: their words are not cached)."""
+        return self.embed_words([words(text) for text in texts], remember=False)
 
 
 def words(text: str) -> list[str]:
