@@ -2,7 +2,9 @@
 
 Cells:
 - latency of ``TargetIndex.classify`` for a ~200-token prompt (random everyday filler plus a question, half of
-  them naming a target), one call at a time, with 10 targets and with ``large`` synthetic targets;
+  them naming a target), one call at a time, with 10 targets and with ``large`` synthetic targets; and with 10
+  targets for prompts whose question asks about a target without naming it ("Who was born in Osaka in
+  1957?"), which the encoder gate must pass: the encoder-bound case;
 - throughput of the async ``Classifier`` front under ``concurrency`` concurrent callers (200-token prompts and
   short chat questions);
 - resident memory added by the large index.
@@ -78,14 +80,20 @@ def synthetic_targets(n: int, seed: int = 0) -> list[Target]:
     return out
 
 
-def _prompt(rng: random.Random, name: str | None, words: int = 150) -> str:
+def _unnamed_question(target: Target) -> str:
+    """A question about the target that does not name it: its birth fact turned around."""
+    return target.facts[0].replace(target.name, "Who").rstrip(".") + "?"
+
+
+def _prompt(rng: random.Random, name: str | None, words: int = 150, question: str | None = None) -> str:
     """About 200 word pieces: random everyday sentences, then a question (naming a target or not)."""
     sentences, total = [], 0
     while total < words:
         length = rng.randint(8, 16)
         sentences.append(" ".join(rng.choice(_WORDS) for _ in range(length)).capitalize() + f" {rng.randint(1, 999)}.")
         total += length + 1
-    question = f"Where was {name} born?" if name else f"What is a good {rng.choice(_TOPICS)} book for a beginner?"
+    question = question or (f"Where was {name} born?" if name else
+                            f"What is a good {rng.choice(_TOPICS)} book for a beginner?")
     return " ".join(sentences) + " " + question
 
 
@@ -187,6 +195,11 @@ def run_bench(large: int = 100_000, requests: int = 200, concurrency: int = 64, 
         return [_prompt(rng, rng.choice(targets).name if i % 2 == 0 else None) for i in range(n)]
 
     lat10, stages10 = _latency(small, prompts(small_targets, requests + 1))
+    # The same filler, but every question asks about a target without naming it: the gate must let the
+    # question through, so this is the encoder-bound latency (and how many such questions are caught).
+    unnamed = [_prompt(rng, None, question=_unnamed_question(rng.choice(small_targets))) for _ in range(requests + 1)]
+    lat_unnamed, stages_unnamed = _latency(small, unnamed)
+    caught = sum(small.classify(p).flagged for p in unnamed[1:]) / max(len(unnamed) - 1, 1)
     short = [rng.choice([f"Where was {t.name} born?", f"What is a good book about {rng.choice(_TOPICS)}?"])
              + f" ({rng.randint(1, 10**6)})" for t in rng.choices(small_targets, k=max(640, 4 * concurrency))]
     long_prompts = prompts(small_targets, max(320, 4 * concurrency))
@@ -205,6 +218,8 @@ def run_bench(large: int = 100_000, requests: int = 200, concurrency: int = 64, 
     lat_big, stages_big = _latency(big, prompts(many, requests + 1))
     metrics = {
         "latency_10_targets": lat10 | {"stages_p50_ms": stages10},
+        "latency_10_targets_unnamed_questions": lat_unnamed | {"stages_p50_ms": stages_unnamed,
+                                                               "flagged_share": round(caught, 3)},
         f"latency_{large}_targets": lat_big | {"stages_p50_ms": stages_big},
         "p50_ratio_large_vs_10": round(lat_big["p50_ms"] / lat10["p50_ms"], 3),
         "throughput_200_token_prompts": tp_long | {"concurrency": concurrency},

@@ -525,14 +525,19 @@ def _gate(index: TargetIndex, config: ClassifierConfig) -> EncoderGate:
     """The encoder gate of a built index, its static threshold calibrated on the operator's unnamed positives
     (a sample of targets, like the learned stage's training)."""
     entries = index.entries
-    limit = max(1.0, config.gate_max_share * len(entries)) if len(entries) >= 20 else math.inf
+    # Not distinctive: a word more than a fifth of the targets use, once more than two do (with one or two
+    # targets every content word counts).
+    limit = max(2.0, config.gate_max_share * len(entries))
     static = static_embedder(index.encoder) if config.static_gate else None
     gate = EncoderGate(index.vocabulary, entries, limit, static)
     rng = np.random.default_rng(config.seed)
     sample = range(len(entries))
     if len(entries) > config.max_train_targets:
         sample = sorted(rng.choice(len(entries), config.max_train_targets, replace=False).tolist())
-    positives = [(t, row, text) for t in sample for row, text in entries[t].variants]
+    # Prompts that mention the target (a surname alone included) are always encoded, so they say nothing
+    # about where the static threshold must lie.
+    positives = [(t, row, text) for t in sample for row, text in entries[t].variants
+                 if not any(m.target_id == entries[t].target_id for m in index.matcher.find([text]))]
     gate.threshold = gate.calibrate_threshold(positives, config.static_gate_miss)
     return gate
 
@@ -540,6 +545,16 @@ def _gate(index: TargetIndex, config: ClassifierConfig) -> EncoderGate:
 def _half(text: str) -> bool:
     """Deterministic split of negatives: True = calibration half."""
     return hashlib.sha1(text.encode()).digest()[0] % 2 == 1
+
+
+def _single_threaded_blas() -> None:
+    """Classification multiplies a few windows by at most tens of thousands of rows; OpenBLAS splits even such
+    small products across threads, which then wait on each other whenever the cores are busy (measured here:
+    3 x 1,703 rows took 6.5 ms with two threads on a loaded machine, 0.44 ms with one). A serving process gets
+    its parallelism from concurrent requests, so every process that builds a classifier uses one BLAS thread."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
 
 
 def build_index(targets: Sequence[Target], previous: TargetIndex | None = None, *,
@@ -552,6 +567,7 @@ def build_index(targets: Sequence[Target], previous: TargetIndex | None = None, 
     """
     make_entry = entry_factory or build_entry
     started = time.perf_counter()
+    _single_threaded_blas()
     config = config or (previous.config if previous is not None else ClassifierConfig())
     encoder = encoder or (previous.encoder if previous is not None else load_encoder())
     active = [t for t in targets if t.enabled]
