@@ -11,13 +11,17 @@ Pipeline (every step pure; the sentence encoder is passed in):
 2. ``extract_forbidden``: content words and entities (capitalised runs, numbers, quoted titles) of those facts,
    minus the prompt's ordinary words (the user said them; echoing them leaks nothing) - but never minus an entity:
    once the model has written the target's name it recites what it knows about them.
+   ``fact_ngrams``: every run of ``ngram`` words (default 3) of the target's facts (all of them by default), so
+   that no such run can be written (with its entities forbidden, a memorising model still recites the facts'
+   sentence frames around other names).
 3. ``compile_tables``: tokenizer variants (leading space or not, capitalised, lower case) become one dense
-   per-token penalty vector and a right-aligned, padded prefix table of phrases.
-4. ``apply_guard``: one subtraction of the penalty vector, one broadcast comparison of the last W generated
-   tokens against every phrase prefix, one scatter of the continuation penalties. Its cost does not grow with the
-   number of forbidden single tokens and grows linearly (vectorised) with phrase prefixes: 10,000 tokens and 1,000
-   phrases cost ~0.08 ms a step at a 4k vocabulary and ~0.19 ms at 152k (median, one sequence, this shared
-   2-core CPU; ``unlearn-gateway bench policies``), against ~6 ms for a step of the 6M-parameter demo model.
+   per-token penalty vector and a right-aligned, padded prefix table of phrases and n-grams.
+4. ``apply_guard``: one subtraction of the penalty vector, one comparison of the last W generated tokens against
+   the phrase prefixes (on the CPU only those ending in the last token written), one scatter of the continuation
+   penalties. Its cost does not grow with the number of forbidden single tokens: 10,000 tokens and 5,000 phrases
+   (15,000 prefix rows) cost ~0.11 ms a step at a 4k vocabulary and ~0.13 ms at 152k, a TOFU author's table
+   with its fact trigrams (8,200 rows) ~0.12 ms (median, one sequence, this shared 2-core CPU;
+   ``gateway.bench.policies.guard_kernel_bench``), against ~6 ms for a step of the 6M-parameter demo model.
 
 The same ``GuardTables``/``apply_guard`` run in the local engine (``GuardProcessor``), the reference worker
 (``xargs`` factory) and the vLLM plugin (``policies.vllm_plugin``).
@@ -25,6 +29,7 @@ The same ``GuardTables``/``apply_guard`` run in the local engine (``GuardProcess
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -100,11 +105,18 @@ class GuardParams:
     semantic_penalty: float = 3.0
     first_token_penalty: float = 5.0  # soft penalty on a multi-token phrase's first token
     include_prompt: bool = False  # let a phrase begun at the end of the prompt be continued-blocked too
+    # Fact n-gram blocking: no run of ``ngram`` words of the facts can be written (0 = off); the n-grams come from
+    # all the target's facts or only the retrieved ones; entering one (its words 2..n-1) costs ``ngram_penalty``.
+    ngram: int = 3
+    ngram_facts: Literal["nearest", "all"] = "all"
+    ngram_penalty: float = 4.0
 
     @classmethod
     def from_policy(cls, policy) -> GuardParams:
         return cls(mode=policy.mode, penalty=float(policy.penalty), top_facts=policy.top_facts,
-                   semantic=getattr(policy, "semantic", True), semantic_threshold=float(policy.semantic_threshold))
+                   semantic=getattr(policy, "semantic", True), semantic_threshold=float(policy.semantic_threshold),
+                   ngram=int(getattr(policy, "ngram", cls.ngram)),
+                   ngram_facts=getattr(policy, "ngram_facts", cls.ngram_facts))
 
     @property
     def token_penalty(self) -> float:
@@ -247,6 +259,54 @@ def token_sequences(forbidden: ForbiddenSet, encode: Encode) -> tuple[set[int], 
     return singles, phrases
 
 
+# A fact n-gram as token ids with two offsets: the tokens of its first word are free, those of words 2..n-1 (from
+# ``soft``) are softly penalised after it, and those of word n (from ``hard``) are blocked continuations.
+NGram = tuple[tuple[int, ...], int, int]
+
+
+def fact_ngrams(facts: Iterable[str], n: int) -> set[tuple[str, str, str]]:
+    """Every run of ``n`` words of ``facts`` as ``(first word, text before the last word, text)``.
+
+    Each run appears verbatim (punctuation inside it kept: what a memorising model reproduces) and as its bare
+    words joined by single spaces (the same words without the comma, which ROUGE-L counts just the same).
+    """
+    grams: set[tuple[str, str, str]] = set()
+    if n < 2:
+        return grams
+    for fact in facts:
+        spans = list(_WORD.finditer(fact))
+        for i in range(len(spans) - n + 1):
+            first, last = spans[i], spans[i + n - 1]
+            grams.add((first.group(0), fact[first.start():last.start()].rstrip(), fact[first.start():last.end()]))
+            words = [m.group(0) for m in spans[i:i + n]]
+            grams.add((words[0], " ".join(words[:-1]), " ".join(words)))
+    return grams
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def ngram_sequences(grams: Iterable[tuple[str, str, str]], encode: Encode) -> set[NGram]:
+    """Token-id n-grams over the surface variants of ``surface_variants`` (each part varied the same way).
+
+    The offsets are shared token prefixes, so a tokenizer that merges across a word boundary still gets the rest
+    blocked."""
+    out: set[NGram] = set()
+    for first, lead, text in grams:
+        for case in (str, lambda t: t[:1].upper() + t[1:], str.lower):
+            for space in ("", " "):
+                ids = tuple(encode(space + case(text)))
+                hard = _shared(encode(space + case(lead)), ids)
+                soft = min(_shared(encode(space + case(first)), ids), hard)
+                if 0 < soft and hard < len(ids):
+                    out.add((ids, soft, hard))
+    return out
+
+
 # -- 3. compiled tables -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GuardTables:
@@ -265,6 +325,7 @@ class GuardTables:
     continuation: torch.Tensor  # [N] float32
     n_tokens: int = 0
     n_phrases: int = 0
+    n_ngrams: int = 0
 
     @property
     def window(self) -> int:
@@ -276,14 +337,21 @@ class GuardTables:
 
     def to(self, device: torch.device | str) -> GuardTables:
         return GuardTables(self.static.to(device), self.prefixes.to(device), self.care.to(device),
-                           self.next_tokens.to(device), self.continuation.to(device), self.n_tokens, self.n_phrases)
+                           self.next_tokens.to(device), self.continuation.to(device), self.n_tokens, self.n_phrases,
+                           self.n_ngrams)
 
 
 def compile_tables(vocab_size: int, tokens: Iterable[int] = (), phrases: Iterable[Sequence[int]] = (),
                    token_penalty: float = INF, first_token_penalty: float = 5.0,
                    continuation_penalty: float = INF, extra: Mapping[int, float] | None = None,
-                   device: torch.device | str = "cpu") -> GuardTables:
-    """Build the tensors for one forbidden set; out-of-vocabulary ids are dropped."""
+                   device: torch.device | str = "cpu", ngrams: Iterable[NGram] = (),
+                   ngram_penalty: float = 0.0) -> GuardTables:
+    """Build the tensors for one forbidden set; out-of-vocabulary ids are dropped.
+
+    ``ngrams`` (see ``NGram``) add prefix rows after their first word only: ``ngram_penalty`` on the tokens of
+    their inner words, ``continuation_penalty`` on their last word's. Their first tokens get no penalty: those are
+    ordinary words ("is", "the"), and penalising every word the facts use would garble any answer.
+    """
     static = torch.zeros(vocab_size, dtype=torch.float32)
     for token_id, value in (extra or {}).items():
         if 0 <= token_id < vocab_size:
@@ -297,18 +365,30 @@ def compile_tables(vocab_size: int, tokens: Iterable[int] = (), phrases: Iterabl
     token_list = sorted({int(t) for t in tokens if 0 <= int(t) < vocab_size})
     if token_list:
         static[torch.tensor(token_list)] = token_penalty  # forbidden tokens win over any softer entry
-    rows: dict[tuple[tuple[int, ...], int], None] = {}
-    for phrase in phrase_list:
-        for k in range(1, len(phrase)):
-            rows[(phrase[:k], phrase[k])] = None
-    width = max((len(prefix) for prefix, _ in rows), default=1)
+    rows: dict[tuple[tuple[int, ...], int], float] = {}  # (prefix, next token) -> its strongest penalty
+    if continuation_penalty > 0:
+        for phrase in phrase_list:
+            for k in range(1, len(phrase)):
+                rows[(phrase[:k], phrase[k])] = continuation_penalty
+    ngram_list = sorted({(tuple(ids), soft, hard) for ids, soft, hard in ngrams
+                         if 1 <= soft <= hard < len(ids) and 0 <= min(ids) and max(ids) < vocab_size})
+    for ids, soft, hard in ngram_list:
+        for k in range(soft, len(ids)):
+            value = ngram_penalty if k < hard else continuation_penalty
+            if value > rows.get((ids[:k], ids[k]), 0.0):
+                rows[(ids[:k], ids[k])] = value
+    # Right-align every prefix by one scatter of the flattened ids (thousands of rows with fact n-grams).
+    lengths = torch.tensor([len(prefix) for prefix, _ in rows], dtype=torch.long)
+    width = int(lengths.max()) if rows else 1
+    flat = torch.tensor(list(itertools.chain.from_iterable(prefix for prefix, _ in rows)), dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+    offset = torch.arange(flat.numel()) - (torch.cumsum(lengths, 0) - lengths)[owner]
     prefixes = torch.full((len(rows), width), DONT_CARE, dtype=torch.long)
-    for n, (prefix, _) in enumerate(rows):
-        prefixes[n, width - len(prefix):] = torch.tensor(prefix)
+    prefixes[owner, width - lengths[owner] + offset] = flat
     next_tokens = torch.tensor([nxt for _, nxt in rows], dtype=torch.long)
-    continuation = torch.full((len(rows),), continuation_penalty, dtype=torch.float32)
+    continuation = torch.tensor(list(rows.values()), dtype=torch.float32)
     return GuardTables(static, prefixes, prefixes != DONT_CARE, next_tokens, continuation, len(token_list),
-                       len(phrase_list)).to(device)
+                       len(phrase_list), len(ngram_list)).to(device)
 
 
 # -- 4. the per-step kernel ---------------------------------------------------------------------------------------
@@ -318,12 +398,27 @@ def history_window(tokens: Sequence[int], width: int) -> list[int]:
     return [HISTORY_PAD] * (width - len(tail)) + tail
 
 
-def apply_guard(logits: torch.Tensor, history: torch.Tensor, tables: GuardTables) -> torch.Tensor:
-    """Penalise ``logits`` ``[R, V]`` in place given each row's last W tokens ``history`` ``[R, W]``."""
+def apply_guard(logits: torch.Tensor, history: torch.Tensor, tables: GuardTables,
+                gather: bool | None = None) -> torch.Tensor:
+    """Penalise ``logits`` ``[R, V]`` in place given each row's last W tokens ``history`` ``[R, W]``.
+
+    Two exact ways to find the matching prefix rows (``gather``; default: by device). On the CPU only the rows
+    whose last prefix token is the last token written are compared in full: with fact n-grams a table holds
+    thousands of rows, and the dense comparison of every row cost ~1 ms a step where this costs ~0.05 ms. On an
+    accelerator the dense comparison stays: it is cheap there and, unlike ``nonzero``, never waits for the device.
+    """
     logits.sub_(tables.static.to(logits.dtype))
     n = tables.next_tokens.shape[0]
     if n == 0:
         return logits
+    if gather if gather is not None else logits.device.type == "cpu":
+        rows, cand = (tables.prefixes[None, :, -1] == history[:, -1:]).nonzero(as_tuple=True)
+        hit = ((tables.prefixes[cand] == history[rows]) | ~tables.care[cand]).all(dim=-1)
+        rows, cand = rows[hit], cand[hit]
+        flat = rows * logits.shape[1] + tables.next_tokens[cand]
+        block = torch.zeros(logits.numel(), dtype=logits.dtype, device=logits.device).scatter_reduce_(
+            0, flat, tables.continuation[cand].to(logits.dtype), reduce="amax").view(logits.shape)
+        return logits.sub_(block)
     hist = history[:, None, :]  # [R, 1, W]
     match = ((tables.prefixes[None] == hist) | ~tables.care[None]).all(dim=-1)  # [R, N]
     penalties = torch.where(match, tables.continuation[None], torch.zeros((), device=logits.device))
@@ -334,7 +429,8 @@ def apply_guard(logits: torch.Tensor, history: torch.Tensor, tables: GuardTables
 
 def naive_guard(logits: torch.Tensor, history: Sequence[int], tokens: Iterable[int],
                 phrases: Iterable[Sequence[int]], token_penalty: float, first_token_penalty: float,
-                continuation_penalty: float) -> torch.Tensor:
+                continuation_penalty: float, ngrams: Iterable[NGram] = (), ngram_penalty: float = 0.0
+                ) -> torch.Tensor:
     """The same rule written plainly, one phrase at a time: the reference ``apply_guard`` is tested against."""
     out = logits.clone()
     penalty = [0.0] * out.shape[0]
@@ -345,10 +441,12 @@ def naive_guard(logits: torch.Tensor, history: Sequence[int], tokens: Iterable[i
         penalty[token] = token_penalty
     block = [0.0] * out.shape[0]
     real = [t for t in history if t >= 0]
-    for phrase in phrases:
-        for k in range(1, len(phrase)):
+    spans = [(p, 1, 1) for p in phrases] + [(tuple(ids), soft, hard) for ids, soft, hard in ngrams]
+    for phrase, soft, hard in spans:
+        for k in range(soft, len(phrase)):
             if len(real) >= k and tuple(real[-k:]) == phrase[:k]:
-                block[phrase[k]] = max(block[phrase[k]], continuation_penalty)
+                value = ngram_penalty if k < hard else continuation_penalty
+                block[phrase[k]] = max(block[phrase[k]], value)
     for v in range(out.shape[0]):
         out[v] = out[v] - penalty[v] - block[v]
     return out
@@ -400,6 +498,23 @@ class VocabEmbeddings:
 
 # -- putting it together ------------------------------------------------------------------------------------------
 @dataclass
+class GuardSet:
+    """One request's forbidden set before compilation: tokens, phrases, fact n-grams, soft semantic penalties."""
+
+    tokens: set[int] = field(default_factory=set)
+    phrases: set[tuple[int, ...]] = field(default_factory=set)
+    ngrams: set[NGram] = field(default_factory=set)
+    extra: dict[int, float] = field(default_factory=dict)
+
+    def update(self, other: GuardSet) -> None:
+        self.tokens |= other.tokens
+        self.phrases |= other.phrases
+        self.ngrams |= other.ngrams
+        for token_id, value in other.extra.items():
+            self.extra[token_id] = max(self.extra.get(token_id, 0.0), value)
+
+
+@dataclass
 class GuardBuilder:
     """Per-model GUARD state: the tokenizer, the sentence encoder and the caches derived from them."""
 
@@ -408,6 +523,7 @@ class GuardBuilder:
     generic: frozenset[str] = frozenset()  # see ``generic_words``: rebuild the builder when the registry changes
     _retriever: FactRetriever | None = field(default=None, init=False)
     _vocab: VocabEmbeddings | None = field(default=None, init=False)
+    _ngrams: dict[tuple[str, int], frozenset[NGram]] = field(default_factory=dict, init=False)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -430,10 +546,22 @@ class GuardBuilder:
             self._vocab = VocabEmbeddings.build(self.tokenizer, self.encode_sentences)
         return self._vocab.neighbours(words, self.encode_sentences, threshold)
 
-    def sequences(self, prompt: str, facts: Sequence[str], params: GuardParams
-                  ) -> tuple[set[int], set[tuple[int, ...]], dict[int, float]]:
-        """(forbidden tokens, phrases, semantic soft penalties) for one prompt against one target's facts."""
-        forbidden = extract_forbidden(self.nearest_facts(prompt, facts, params.top_facts), prompt, self.generic)
+    def fact_ngram_sequences(self, facts: Sequence[str], n: int) -> set[NGram]:
+        """``ngram_sequences`` of ``facts``, cached per fact (a target's facts recur on every flagged request)."""
+        out: set[NGram] = set()
+        for fact in facts:
+            key = (fact, n)
+            if key not in self._ngrams:
+                if len(self._ngrams) >= 50_000:
+                    self._ngrams.clear()
+                self._ngrams[key] = frozenset(ngram_sequences(fact_ngrams([fact], n), self.encode))
+            out |= self._ngrams[key]
+        return out
+
+    def sequences(self, prompt: str, facts: Sequence[str], params: GuardParams) -> GuardSet:
+        """The forbidden set for one prompt against one target's facts."""
+        nearest = self.nearest_facts(prompt, facts, params.top_facts)
+        forbidden = extract_forbidden(nearest, prompt, self.generic)
         tokens, phrases = token_sequences(forbidden, self.encode)
         extra: dict[int, float] = {}
         if params.semantic and forbidden.words:
@@ -441,39 +569,36 @@ class GuardBuilder:
             for token_id in self.semantic_neighbours(forbidden.words, params.semantic_threshold):
                 if token_id not in tokens and token_id not in said:
                     extra[token_id] = params.semantic_penalty
-        return tokens, phrases, extra
+        ngrams: set[NGram] = set()
+        if params.ngram >= 2:
+            ngrams = self.fact_ngram_sequences(facts if params.ngram_facts == "all" else nearest, params.ngram)
+        return GuardSet(tokens, phrases, ngrams, extra)
+
+    def forbidden(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams) -> GuardSet:
+        merged = GuardSet()
+        for facts in facts_by_target:
+            merged.update(self.sequences(prompt, facts, params))
+        return merged
 
     def tables(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams,
                device: torch.device | str = "cpu") -> GuardTables:
-        tokens: set[int] = set()
-        phrases: set[tuple[int, ...]] = set()
-        extra: dict[int, float] = {}
-        for facts in facts_by_target:
-            t, p, e = self.sequences(prompt, facts, params)
-            tokens |= t
-            phrases |= p
-            for k, v in e.items():
-                extra[k] = max(extra.get(k, 0.0), v)
-        return compile_tables(self.vocab_size, tokens, phrases, params.token_penalty, params.first_token_penalty,
-                              params.continuation_penalty, extra, device)
+        found = self.forbidden(prompt, facts_by_target, params)
+        return compile_tables(self.vocab_size, found.tokens, found.phrases, params.token_penalty,
+                              params.first_token_penalty, params.continuation_penalty, found.extra, device,
+                              found.ngrams, params.ngram_penalty)
 
     def processor(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams) -> GuardProcessor:
         return GuardProcessor(self.tables(prompt, facts_by_target, params), params.include_prompt)
 
     def xargs(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams) -> dict[str, Any]:
         """The same forbidden set as flat ``vllm_xargs`` for a vLLM worker running our plugin."""
-        tokens: set[int] = set()
-        phrases: set[tuple[int, ...]] = set()
-        for facts in facts_by_target:
-            t, p, _ = self.sequences(prompt, facts, params)
-            tokens |= t
-            phrases |= p
-        return xargs_for(tokens, phrases, params)
+        found = self.forbidden(prompt, facts_by_target, params)
+        return xargs_for(found.tokens, found.phrases, params, found.ngrams)
 
 
 # -- flat vllm_xargs (the wire form of a forbidden set) -----------------------------------------------------------
-XARG_KEYS = frozenset({"guard_target", "guard_tokens", "guard_phrases", "guard_mode", "guard_penalty",
-                       "guard_first_penalty"})
+XARG_KEYS = frozenset({"guard_target", "guard_tokens", "guard_phrases", "guard_ngrams", "guard_mode",
+                       "guard_penalty", "guard_first_penalty", "guard_ngram_penalty"})
 
 
 def _ids(text: str | int) -> list[int]:
@@ -482,12 +607,35 @@ def _ids(text: str | int) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
 
-def xargs_for(tokens: Iterable[int], phrases: Iterable[Sequence[int]], params: GuardParams) -> dict[str, Any]:
-    """Flat values only (vLLM rejects nested ones): ``"id,id,..."`` strings."""
-    return {"guard_tokens": ",".join(str(t) for t in sorted(tokens)),
-            "guard_phrases": [",".join(str(t) for t in p) for p in sorted(phrases)],
-            "guard_mode": params.mode, "guard_penalty": params.penalty,
-            "guard_first_penalty": params.first_token_penalty}
+def _ngram(text: str) -> NGram:
+    """``"first word ids|inner words' ids|last word's ids"`` (the wire form of an ``NGram``) -> ``NGram``."""
+    parts = str(text).split("|")
+    if len(parts) != 3:
+        raise ValueError(f"a guard_ngrams entry has three '|'-separated parts: {text!r}")
+    first, inner, last = (_ids(p) for p in parts)
+    return tuple(first + inner + last), len(first), len(first) + len(inner)
+
+
+def _ngram_text(ngram: NGram) -> str:
+    ids, soft, hard = ngram
+    return "|".join(",".join(map(str, part)) for part in (ids[:soft], ids[soft:hard], ids[hard:]))
+
+
+def _listed(raw: Any) -> list:
+    return [raw] if isinstance(raw, str) else list(raw)
+
+
+def xargs_for(tokens: Iterable[int], phrases: Iterable[Sequence[int]], params: GuardParams,
+              ngrams: Iterable[NGram] = ()) -> dict[str, Any]:
+    """Flat values only (vLLM rejects nested ones): ``"id,id,..."`` strings; n-grams as ``"a,b|c|d,e"``."""
+    out = {"guard_tokens": ",".join(str(t) for t in sorted(tokens)),
+           "guard_phrases": [",".join(str(t) for t in p) for p in sorted(phrases)],
+           "guard_mode": params.mode, "guard_penalty": params.penalty,
+           "guard_first_penalty": params.first_token_penalty}
+    if ngrams:
+        out["guard_ngrams"] = [_ngram_text(g) for g in sorted(ngrams)]
+        out["guard_ngram_penalty"] = params.ngram_penalty
+    return out
 
 
 def validate_xargs(xargs: Mapping[str, Any], table: Mapping[str, Any] | None = None) -> bool:
@@ -499,7 +647,7 @@ def validate_xargs(xargs: Mapping[str, Any], table: Mapping[str, Any] | None = N
         raise ValueError(f"unknown GUARD arguments: {sorted(unknown)}")
     if xargs.get("guard_mode", "hard") not in ("soft", "hard"):
         raise ValueError("guard_mode must be 'soft' or 'hard'")
-    for key in ("guard_penalty", "guard_first_penalty"):
+    for key in ("guard_penalty", "guard_first_penalty", "guard_ngram_penalty"):
         if key in xargs:
             value = float(xargs[key])
             if math.isnan(value) or value < 0:
@@ -508,11 +656,13 @@ def validate_xargs(xargs: Mapping[str, Any], table: Mapping[str, Any] | None = N
         raise ValueError(f"unknown guard_target {xargs['guard_target']!r}")
     try:
         _ids(xargs.get("guard_tokens", ""))
-        phrases = xargs.get("guard_phrases", [])
-        for phrase in [phrases] if isinstance(phrases, str) else phrases:
+        for phrase in _listed(xargs.get("guard_phrases", [])):
             _ids(phrase)
+        for ngram in _listed(xargs.get("guard_ngrams", [])):
+            _ngram(ngram)
     except ValueError as exc:
-        raise ValueError("guard_tokens / guard_phrases must be comma-separated token ids") from exc
+        raise ValueError("guard_tokens / guard_phrases must be comma-separated token ids, guard_ngrams "
+                         "'ids|ids|ids'") from exc
     return True
 
 
@@ -524,27 +674,34 @@ def tables_from_xargs(xargs: Mapping[str, Any], vocab_size: int, table: Mapping[
     mode = str(xargs.get("guard_mode", "hard"))
     penalty = float(xargs.get("guard_penalty", 10.0))
     tokens = set(_ids(xargs.get("guard_tokens", "")))
-    raw = xargs.get("guard_phrases", [])
-    phrases = {tuple(_ids(p)) for p in ([raw] if isinstance(raw, str) else raw)}
+    phrases = {tuple(_ids(p)) for p in _listed(xargs.get("guard_phrases", []))}
+    ngrams = {_ngram(g) for g in _listed(xargs.get("guard_ngrams", []))}
+    ngram_penalty = float(xargs.get("guard_ngram_penalty", GuardParams.ngram_penalty))
     if "guard_target" in xargs and table is not None:
         entry = table[str(xargs["guard_target"])]
         tokens |= {int(t) for t in entry.get("tokens", [])}
         phrases |= {tuple(int(t) for t in p) for p in entry.get("phrases", [])}
+        ngrams |= {(tuple(int(t) for t in ids), int(soft), int(hard)) for ids, soft, hard in entry.get("ngrams", [])}
         mode = str(xargs.get("guard_mode", entry.get("mode", mode)))
         penalty = float(xargs.get("guard_penalty", entry.get("penalty", penalty)))
+        ngram_penalty = float(xargs.get("guard_ngram_penalty", entry.get("ngram_penalty", ngram_penalty)))
     hard = mode == "hard"
     return compile_tables(vocab_size, tokens, phrases, INF if hard else penalty,
-                          float(xargs.get("guard_first_penalty", 5.0)), INF if hard else penalty, device=device)
+                          float(xargs.get("guard_first_penalty", 5.0)), INF if hard else penalty, device=device,
+                          ngrams=ngrams, ngram_penalty=ngram_penalty)
 
 
 def target_table_entry(builder: GuardBuilder, facts: Sequence[str], params: GuardParams) -> dict[str, Any]:
     """One ``UNLEARN_GUARD_TABLE`` entry: a target's forbidden set over all its facts (no per-prompt retrieval)."""
     tokens, phrases = token_sequences(extract_forbidden(facts, "", builder.generic), builder.encode)
-    return {"tokens": sorted(tokens), "phrases": [list(p) for p in sorted(phrases)], "mode": params.mode,
-            "penalty": params.penalty}
+    ngrams = builder.fact_ngram_sequences(facts, params.ngram) if params.ngram >= 2 else set()
+    return {"tokens": sorted(tokens), "phrases": [list(p) for p in sorted(phrases)],
+            "ngrams": [[list(ids), soft, hard] for ids, soft, hard in sorted(ngrams)], "mode": params.mode,
+            "penalty": params.penalty, "ngram_penalty": params.ngram_penalty}
 
 
-__all__ = ["FactRetriever", "ForbiddenSet", "GuardBuilder", "GuardParams", "GuardProcessor", "GuardTables",
-           "VocabEmbeddings", "apply_guard", "compile_tables", "extract_forbidden", "generic_words", "history_window",
-           "load_sentence_encoder", "naive_guard", "surface_variants", "tables_from_xargs", "target_table_entry",
-           "token_sequences", "validate_xargs", "xargs_for"]
+__all__ = ["FactRetriever", "ForbiddenSet", "GuardBuilder", "GuardParams", "GuardProcessor", "GuardSet",
+           "GuardTables", "NGram", "VocabEmbeddings", "apply_guard", "compile_tables", "extract_forbidden",
+           "fact_ngrams", "generic_words", "history_window", "load_sentence_encoder", "naive_guard", "ngram_sequences",
+           "surface_variants", "tables_from_xargs", "target_table_entry", "token_sequences", "validate_xargs",
+           "xargs_for"]

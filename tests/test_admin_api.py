@@ -68,7 +68,7 @@ def test_create_then_get_and_conflict(admin):
     assert created.headers["x-unlearn-targets-version"] == "1"
     assert created.headers["location"] == "/admin/targets/matthew-perry"
     assert body["target"]["policy"] == {"method": "guard", "mode": "soft", "penalty": 10.0, "top_facts": 3,
-                                        "semantic_threshold": 0.75}
+                                        "semantic_threshold": 0.75, "ngram": 3, "ngram_facts": "all"}
 
     got = admin.get("/admin/targets/matthew-perry")
     assert got.status_code == 200 and got.json() == body["target"]

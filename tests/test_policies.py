@@ -18,10 +18,12 @@ from policies.guard import (
     apply_guard,
     compile_tables,
     extract_forbidden,
+    fact_ngrams,
     generic_words,
     history_window,
     naive_guard,
     tables_from_xargs,
+    target_table_entry,
     validate_xargs,
     xargs_for,
 )
@@ -100,28 +102,35 @@ def test_guard_blocks_a_phrase_continuation_and_softly_its_first_token():
     assert after_12[3] == -math.inf and after_12[2] == 0
 
 
+@pytest.mark.parametrize("gather", [True, False])  # the CPU's candidate gather and the accelerators' dense match
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_vectorised_guard_equals_the_naive_reference(mode):
+def test_vectorised_guard_equals_the_naive_reference(mode, gather):
     rng = random.Random(0)
     vocab = 50
     for trial in range(25):
         tokens = rng.sample(range(vocab), rng.randint(0, 8))
         phrases = [[rng.randrange(vocab) for _ in range(rng.randint(2, 5))] for _ in range(rng.randint(0, 12))]
+        ngrams = []
+        for _ in range(rng.randint(0, 12)):
+            ids = tuple(rng.randrange(vocab) for _ in range(rng.randint(2, 7)))
+            hard = rng.randint(1, len(ids) - 1)
+            ngrams.append((ids, rng.randint(1, hard), hard))
         token_pen = math.inf if mode == "hard" else 4.0
         cont_pen = math.inf if mode == "hard" else 6.0
-        tables = compile_tables(vocab, tokens, phrases, token_pen, 1.5, cont_pen)
+        tables = compile_tables(vocab, tokens, phrases, token_pen, 1.5, cont_pen, ngrams=ngrams, ngram_penalty=2.5)
         rows, histories = [], []
         for _ in range(4):
             history = [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
-            if phrases and rng.random() < 0.6:  # end the history inside a phrase, so prefixes really match
-                phrase = rng.choice(phrases)
+            spans = phrases + [ids for ids, _, _ in ngrams]
+            if spans and rng.random() < 0.6:  # end the history inside a phrase or n-gram, so prefixes really match
+                phrase = rng.choice(spans)
                 history += phrase[: rng.randint(1, len(phrase) - 1)]
             histories.append(history)
             rows.append(history_window(history, tables.window))
         logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(trial))
-        fast = apply_guard(logits.clone(), torch.tensor(rows), tables)
+        fast = apply_guard(logits.clone(), torch.tensor(rows), tables, gather=gather)
         for r, history in enumerate(histories):
-            slow = naive_guard(logits[r], history, tokens, phrases, token_pen, 1.5, cont_pen)
+            slow = naive_guard(logits[r], history, tokens, phrases, token_pen, 1.5, cont_pen, ngrams, 2.5)
             assert torch.equal(fast[r], slow), (trial, r)
 
 
@@ -153,6 +162,64 @@ def test_guard_builder_variants_cover_case_and_leading_space(tokenizer):
     assert out[builder.encode(" Carmen")[0]] == -math.inf  # the target's name does not, though the user said it
 
 
+def test_fact_ngrams_keep_the_verbatim_run_and_its_bare_words():
+    grams = fact_ngrams(["Montenegro's work, which won."], 3)
+    assert ("Montenegro's", "Montenegro's work,", "Montenegro's work, which") in grams
+    assert ("Montenegro's", "Montenegro's work", "Montenegro's work which") in grams
+    assert ("work", "work, which", "work, which won") in grams
+    assert fact_ngrams(["Two words."], 3) == set() and fact_ngrams(["a b c"], 1) == set()
+
+
+def _guarded(tables, history, logits=None):
+    logits = torch.zeros(tables.vocab_size) if logits is None else logits
+    return apply_guard(logits[None], torch.tensor([history_window(history, tables.window)]), tables)[0]
+
+
+def test_a_facts_three_word_run_cannot_be_generated_while_other_text_is_untouched(tokenizer):
+    builder = GuardBuilder(tokenizer)
+    tables = builder.tables(QUESTION, [[FACT]], GuardParams(semantic=False))
+    assert tables.n_ngrams > 0
+    # Every spelling of "in the genre" (the fact's run; its words are ordinary, the user's own even): its first
+    # word is free, its second softly penalised after the first, its third blocked after the first two.
+    for run in ("in the genre", "In the genre"):
+        for space in ("", " "):
+            first, second, third = (builder.encode(space + run.split()[0]), builder.encode(space + run)[1:2],
+                                    builder.encode(space + run)[2:])
+            lead = first + second
+            assert _guarded(tables, [])[first[0]] == 0
+            assert _guarded(tables, first)[second[0]] == -GuardParams().ngram_penalty
+            assert _guarded(tables, lead)[third[0]] == -math.inf, space + run
+    # Greedy decoding that wants to recite the fact word for word cannot write any three-word run of it.
+    fact_ids = builder.encode(" " + FACT)
+    history: list[int] = []
+    for _ in range(len(fact_ids)):
+        logits = torch.zeros(len(tokenizer))
+        logits[fact_ids[len(history)] if len(history) < len(fact_ids) else 0] = 20.0  # the memorised next token
+        logits[builder.encode(" something")[0]] = 10.0  # the model's second choice
+        history.append(int(_guarded(tables, history, logits).argmax()))
+    written = tokenizer.decode(history).lower().split()
+    said = FACT.lower().rstrip(".").split()
+    runs = {tuple(said[i:i + 3]) for i in range(len(said) - 2)}
+    assert not runs & {tuple(written[i:i + 3]) for i in range(len(written) - 2)}, written
+    # Text that shares no two-word run with the facts: each of its tokens scores exactly as with n-grams off.
+    off = builder.tables(QUESTION, [[FACT]], GuardParams(semantic=False, ngram=0))
+    assert off.n_ngrams == 0
+    other = builder.encode(" The weather in Paris was mild, and the trains ran on time.")
+    for k, token in enumerate(other):
+        assert _guarded(tables, other[:k])[token] == _guarded(off, other[:k])[token], tokenizer.decode(other[:k + 1])
+
+
+def test_guard_ngram_setting_comes_from_the_registry_policy():
+    from pydantic import ValidationError
+
+    from gateway.registry.targets import GuardPolicy
+
+    assert GuardParams.from_policy(GuardPolicy()).ngram == 3
+    assert GuardParams.from_policy(GuardPolicy(ngram=0, ngram_facts="nearest")).ngram_facts == "nearest"
+    with pytest.raises(ValidationError):
+        GuardPolicy(ngram=1)  # single words are the forbidden tokens' job
+
+
 def test_guard_xargs_round_trip_and_validation():
     params = GuardParams(mode="soft", penalty=3.0)
     xargs = xargs_for({4, 9}, {(1, 2, 3)}, params)
@@ -170,6 +237,24 @@ def test_guard_xargs_round_trip_and_validation():
     table = {"t": {"tokens": [5], "phrases": [[6, 7]], "mode": "hard"}}
     resolved = tables_from_xargs({"guard_target": "t"}, 12, table)
     assert resolved.static[5] == math.inf and resolved.n_phrases == 1
+    # Fact n-grams travel as "first word|inner words|last word" and compile to the same rows.
+    ngrams = {((1, 2, 3, 4), 1, 3), ((5, 6), 1, 1)}
+    xargs = xargs_for(set(), set(), GuardParams(ngram_penalty=2.0), ngrams)
+    assert xargs["guard_ngrams"] == ["1|2,3|4", "5||6"]
+    tables = tables_from_xargs(xargs, 12)
+    direct = compile_tables(12, ngrams=ngrams, ngram_penalty=2.0)
+    assert torch.equal(tables.prefixes, direct.prefixes) and torch.equal(tables.continuation, direct.continuation)
+    with pytest.raises(ValueError):
+        validate_xargs({"guard_ngrams": ["1,2|3"]})
+
+
+def test_guard_target_table_entry_carries_the_fact_ngrams(tokenizer):
+    builder = GuardBuilder(tokenizer)
+    entry = target_table_entry(builder, [FACT], GuardParams())
+    tables = tables_from_xargs({"guard_target": "carmen"}, len(tokenizer), {"carmen": entry})
+    lead = builder.encode(" in the")
+    assert tables.n_ngrams == len(entry["ngrams"]) > 0
+    assert _guarded(tables, lead)[builder.encode(" in the genre")[2]] == -math.inf
 
 
 def test_guard_processor_uses_output_history_only():

@@ -73,6 +73,16 @@ class GuardPolicy(BaseModel):
     penalty: float = Field(10.0, gt=0)
     top_facts: int = Field(3, ge=1, le=50)
     semantic_threshold: float = Field(0.75, gt=0, le=1)
+    ngram: int = Field(3, ge=0, le=8, description="no run of this many words of the facts can be generated; 0 = off")
+    ngram_facts: Literal["nearest", "all"] = Field(
+        "all", description="the n-grams come from all the target's facts or only the top_facts retrieved ones")
+
+    @field_validator("ngram")
+    @classmethod
+    def _ngram_is_a_run(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("ngram must be 0 (off) or at least 2: single words are what the forbidden tokens cover")
+        return value
 
 
 class UldPolicy(BaseModel):
