@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from classifiers.encoder import Encoder, load_encoder
+from classifiers.encoder import Encoder, cache_dir, load_encoder, model_path
 from classifiers.features import FEATURES, NO_MENTION, MentionEvidence, asks_who, best_positive, pair_features
 from classifiers.gate import EncoderGate, content_words
 from classifiers.learned import Calibration, Scorer, calibrate, fit_scorer
@@ -173,6 +174,24 @@ def generic_prompts() -> list[str]:
     """The packaged everyday prompts used as default negatives (our own text)."""
     text = resources.files("classifiers").joinpath("data/generic_prompts.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _generic_bank(encoder: Encoder) -> tuple[list[str], np.ndarray]:
+    """The generic prompts and their embeddings, cached on disk per encoder and prompt list: every gateway
+    worker needs them at start-up, and encoding 1,700 prompts takes seconds on two cores. (The encoders are
+    deterministic per text, so a cached row is the row encoding would give.)"""
+    texts = generic_prompts()
+    digest = hashlib.sha1("\n".join([encoder.name, model_path(), *texts]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"generic-{digest}.npy"
+    if path.exists():
+        vectors = np.load(path)
+        if vectors.shape == (len(texts), encoder.dim):
+            return texts, vectors
+    vectors = encoder.encode(texts)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, vectors)
+    os.replace(tmp, path)
+    return texts, vectors
 
 
 def _mask(text: str, mentions: Sequence[Mention], word: str) -> str:
@@ -592,8 +611,7 @@ def build_index(targets: Sequence[Target], previous: TargetIndex | None = None, 
     if previous is not None and previous.encoder.name == encoder.name:
         generic = previous.generic_bank
     else:
-        texts = generic_prompts()
-        generic = (texts, encoder.encode(texts))
+        generic = _generic_bank(encoder)
     patterns = {e.target_id: e.patterns for e in entries}
     if previous is not None and [(e.target_id, e.patterns) for e in previous.entries] == list(patterns.items()):
         matcher = previous.matcher
