@@ -18,6 +18,7 @@ import pytest
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import Server, serve, unique_prefix
+from tests.fault_servers import wait_until
 
 ADMIN_KEY = "admin-key-for-tests"
 USER_KEY = "user-key-for-tests"
@@ -256,6 +257,8 @@ def test_import_is_atomic_with_a_per_line_report(admin, gw):
     assert admin.get("/admin/version").json()["version"] == 1
     assert admin.get("/admin/targets/export").content == before
     error_of(admin.get("/admin/targets/new-one/history"), 404)
+    # The worker loads version 1 in the background (an index build); once it has, it serves exactly that.
+    wait_until(lambda: httpx.get(gw.url + "/ready").json()["targets_version"] >= 1, 60, "version 1 loaded")
     ready = httpx.get(gw.url + "/ready").json()
     assert ready["targets_version"] == 1 and ready["targets"]["count"] == 2
 
