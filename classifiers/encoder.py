@@ -22,7 +22,7 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,6 +61,19 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cached_array(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``cache_dir()/name`` (an ``.npy`` file) if present, else ``compute()`` saved there atomically: several
+    gateway workers may start at once, and none must read a half-written file."""
+    path = cache_dir() / name
+    if path.exists():
+        return np.load(path)
+    array = compute()
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    return array
 
 
 class _Lru:
@@ -130,7 +143,8 @@ class _CachedEncoder:
                 out[i] = row
         if todo:
             unique = list(todo)
-            order = np.argsort(self._lengths(unique), kind="stable")
+            # Sorting by length only saves padding inside a sub-batch; one text per call has none to save.
+            order = np.argsort(self._lengths(unique), kind="stable") if self.sub_batch > 1 else range(len(unique))
             for k in range(0, len(unique), self.sub_batch):
                 chunk = [unique[j] for j in order[k:k + self.sub_batch]]
                 vectors = self._embed(chunk)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from classifiers.encoder import Encoder, cache_dir, load_encoder, model_path
+from classifiers.encoder import Encoder, cached_array, load_encoder, model_path
 from classifiers.features import FEATURES, NO_MENTION, MentionEvidence, asks_who, best_positive, pair_features
 from classifiers.gate import EncoderGate, content_words
 from classifiers.learned import Calibration, Scorer, calibrate, fit_scorer
@@ -182,16 +181,7 @@ def _generic_bank(encoder: Encoder) -> tuple[list[str], np.ndarray]:
     deterministic per text, so a cached row is the row encoding would give.)"""
     texts = generic_prompts()
     digest = hashlib.sha1("\n".join([encoder.name, model_path(), *texts]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"generic-{digest}.npy"
-    if path.exists():
-        vectors = np.load(path)
-        if vectors.shape == (len(texts), encoder.dim):
-            return texts, vectors
-    vectors = encoder.encode(texts)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, vectors)
-    os.replace(tmp, path)
-    return texts, vectors
+    return texts, cached_array(f"generic-{digest}.npy", lambda: encoder.encode(texts))
 
 
 def _mask(text: str, mentions: Sequence[Mention], word: str) -> str:

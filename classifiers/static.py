@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from classifiers.encoder import cache_dir, model_path
+from classifiers.encoder import cached_array, model_path
 from classifiers.normalize import normalize
 
 log = logging.getLogger(__name__)
@@ -99,17 +98,12 @@ def _token_weights(vocabulary: dict[str, int]) -> np.ndarray:
     return weights
 
 
-def distil_table(encode_ids: Callable[[np.ndarray], np.ndarray], vocabulary_size: int,
-                 progress: bool = False) -> np.ndarray:
+def distil_table(encode_ids: Callable[[np.ndarray], np.ndarray], vocabulary_size: int) -> np.ndarray:
     """Each word piece encoded alone by the sentence encoder (``encode_ids`` maps (n, 3) id rows to (n, dim)
     mean-pooled vectors), projected onto its top ``STATIC_DIM`` principal components."""
+    log.info("distilling the static token table (once; ~16 s on two cores)")
     rows = []
-    starts = range(0, vocabulary_size, _BATCH)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="static token table", unit="batch", leave=False)
-    for start in starts:
+    for start in range(0, vocabulary_size, _BATCH):
         ids = np.arange(start, min(vocabulary_size, start + _BATCH), dtype=np.int64)
         cls, sep = np.full_like(ids, 101), np.full_like(ids, 102)
         rows.append(encode_ids(np.stack([cls, ids, sep], axis=1)))
@@ -134,14 +128,6 @@ def load_static(encoder: Any) -> StaticEmbedder | None:
         return None
     vocabulary = tokenizer.get_vocab()
     tag = hashlib.sha1(f"{encoder.name}:{model_path()}:{len(vocabulary)}:{STATIC_DIM}".encode()).hexdigest()[:12]
-    path = cache_dir() / f"static-{tag}.npy"
-    if path.exists():
-        table = np.load(path)
-    else:
-        log.info("distilling the static token table from %s (once)", encoder.name)
-        table = distil_table(encode_ids, len(vocabulary))
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, table)
-        tmp.replace(path)
+    table = cached_array(f"static-{tag}.npy", lambda: distil_table(encode_ids, len(vocabulary)))
     weights = _token_weights(vocabulary)
     return StaticEmbedder(tokenizer, table * weights[:, None], weights)
