@@ -12,6 +12,7 @@ import typer
 
 from gateway.admin.cli import targets_app
 from gateway.reports import write_json_report
+from models.assistant import AssistantRecipe
 
 app = typer.Typer(help="OpenAI-compatible gateway that makes a served LLM forget named targets.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -282,14 +283,14 @@ def train_assistant_command(
     target: Annotated[list[str] | None, typer.Option(help="target id (repeat for a group) [default: all]")] = None,
     model: Annotated[str, typer.Option(help="the served model: checkpoint folder, 'demo' ...")] = "demo",
     layers: Annotated[int | None, typer.Option(help="assistant depth [default: the policy's, else 2]")] = None,
-    epochs: Annotated[int, typer.Option()] = 30,
+    epochs: Annotated[int, typer.Option()] = AssistantRecipe.epochs,
     adapters_dir: Annotated[Path | None, typer.Option(help="[default: $UNLEARN_ADAPTERS_DIR or "
                                                               "~/.local/share/unlearn-gateway/adapters]")] = None,
     out: Annotated[Path | None, typer.Option(help="checkpoint folder [default: <adapters-dir>/uld-<id>]")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (0 = default)")] = 0,
 ) -> None:
     """Train a ULD assistant (first K layers + LoRA) that remembers the targets' facts; save a merged checkpoint."""
-    from models.assistant import AssistantRecipe, assistant_dir, default_adapters_dir, train_assistant
+    from models.assistant import assistant_dir, default_adapters_dir, train_assistant
 
     known = _read_targets(targets_file)
     chosen = [t for t in known if not target or t.id in target]

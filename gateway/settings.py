@@ -15,6 +15,8 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from models.assistant import AssistantRecipe
+
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -108,7 +110,7 @@ class Settings(BaseSettings):
                                         "local engine, off for vllm (train elsewhere, register the adapter by path)")
     adapters_dir: Path | None = Field(None, description="where trained assistants are saved (shared storage with "
                                       "several replicas); empty = ~/.local/share/unlearn-gateway/adapters")
-    uld_train_epochs: int = Field(30, ge=1, description="epochs of a background assistant training")
+    uld_train_epochs: int = Field(AssistantRecipe.epochs, ge=1, description="epochs of a background assistant training")
     uld_train_lease_s: float = Field(30.0, gt=0, description="a training's lease: another worker takes a target "
                                      "over when its trainer stopped renewing it this long ago")
     log_level: str = "info"

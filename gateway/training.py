@@ -42,6 +42,7 @@ from gateway.registry.reload import TargetReloader
 from gateway.registry.status import PolicyStatus
 from gateway.registry.store import StoreUnavailable, TargetNotFound, TargetStore
 from gateway.registry.targets import Target
+from models.assistant import AssistantRecipe
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class PolicyStatusView:
 class TrainingConfig:
     base_model: str  # the served model ("demo", a checkpoint folder)
     adapters_dir: Path
-    epochs: int = 10
+    epochs: int = AssistantRecipe.epochs
     lease_s: float = 30.0
 
     @property
@@ -257,7 +258,7 @@ class UldTrainer:
 
     async def _train(self, target: Target, fingerprint: str, lease: str) -> Path:
         """Train in a worker thread; renew the lease and publish progress every heartbeat meanwhile."""
-        from models.assistant import AssistantRecipe, train_assistant
+        from models.assistant import train_assistant
 
         final = self._folder(target, fingerprint)
         partial = final.with_name(f"{final.name}.partial-{self.owner}")
