@@ -28,6 +28,7 @@ from gateway.engines.base import GenerationDelta, TokenLogprob
 from gateway.errors import OutputWithheld
 from gateway.registry.reload import ActiveTargets
 from gateway.registry.targets import OutputGuardSettings, Target
+from gateway.telemetry.context import current_request
 from policies.guard import SentenceEncode
 from policies.output_guard import FactIndex, OutputGuard, StreamGuard, StreamMode
 from policies.refuse import refusal
@@ -185,6 +186,9 @@ class GuardedStream:
         settings = facts.settings[hit.target_id]
         log.info("output guard hit: target %s (%s, score %.2f); answer %s", hit.target_id, hit.kind, hit.score,
                  "ended with an error" if settings.on_hit == "error" else "replaced by the refusal")
+        telemetry = current_request()
+        if telemetry is not None:
+            telemetry.record_output_guard_hit(hit.target_id, settings.on_hit)
         if settings.on_hit == "error":
             raise OutputWithheld("The answer was withheld: it reproduced information this service has been asked "
                                  "not to disclose.", code="output_withheld")

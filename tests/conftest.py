@@ -63,6 +63,18 @@ def serve(app, ready_path: str = "/health") -> Server:
     raise RuntimeError(f"server on {url} did not start")
 
 
+def metric(server: Server, name: str, **labels: str) -> float:
+    """One sample of a server's /metrics, summed over the label sets that match ``labels`` (0 if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _embedded_store_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Gateways built from plain ``Settings()`` (and ``serve`` subprocesses, which inherit the environment) keep

@@ -16,13 +16,12 @@ from collections.abc import Iterator, Sequence
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from classifiers.index import IndexBuilder as ClassifierIndexBuilder
 from gateway.app import create_app
 from gateway.settings import Settings
 from policies.refuse import refusal
-from tests.conftest import Server, serve
+from tests.conftest import Server, metric, serve
 from tests.fault_servers import wait_until
 
 ADMIN = {"authorization": "Bearer fail-closed-admin"}
@@ -99,16 +98,6 @@ def answer_text(response: httpx.Response) -> str:
         return "".join(json.loads(f)["choices"][0]["delta"].get("content", "") for f in frames[:-1]
                        if json.loads(f)["choices"])
     return response.json()["choices"][0]["message"]["content"]
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    """One sample of the gateway's /metrics, summed over the label sets that match ``labels`` (0 if absent)."""
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def assert_failed_closed(response: httpx.Response, fail_mode: str, reason: str) -> None:

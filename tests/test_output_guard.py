@@ -22,7 +22,8 @@ from gateway.registry.reload import ActiveTargets
 from gateway.settings import Settings
 from policies.output_guard import FactIndex, OutputGuard, StreamGuard
 from policies.refuse import refusal
-from tests.conftest import serve
+from tests.conftest import metric, serve
+from tests.fault_servers import wait_until
 
 ADMIN = "output-guard-admin"
 # Names neither the author nor anything the classifier matches; the demo model answers it with her name.
@@ -168,8 +169,11 @@ def test_an_answer_the_classifier_missed_is_caught_by_the_output_guard(gateway_a
     assert decision == "clean" and (answer, finish) == (WITHHELD, "content_filter")
     streamed, finish = ask_streamed(server, EVASIVE_Q)
     assert "Montenegro" not in streamed and streamed.endswith(WITHHELD) and finish == "content_filter"
+    hits = "unlearn_output_guard_hits_total"  # counted when a response ends, just after the client has it
+    wait_until(lambda: metric(server, hits, target="carmen-montenegro", action="refuse") == 2, 10, "2 hits")
     assert ask(server, RETAIN_Q)[0] == retain_before  # other answers pass unchanged
     assert ask_streamed(server, RETAIN_Q) == (retain_before, retain_finish)
+    assert metric(server, hits) == 2
 
     write(server, admin, "PATCH", "/admin/targets/carmen-montenegro", {"output_guard": {"mode": "hold"}})
     streamed, finish = ask_streamed(server, EVASIVE_Q)
@@ -197,3 +201,5 @@ def test_on_hit_error_ends_a_stream_with_an_error_frame(gateway_and_admin):
     with pytest.raises(openai.APIError, match="withheld"):
         for _ in client_for(server).chat.completions.create(**body, stream=True):
             pass
+    wait_until(lambda: metric(server, "unlearn_output_guard_hits_total", target="carmen-montenegro",
+                              action="error") == 3, 10, "3 hits")

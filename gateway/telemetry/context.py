@@ -41,6 +41,7 @@ class RequestTelemetry:
     upstream_waits: int = 0  # how many engine awaits were measured; 0 = overhead not measurable
     upstream_error: str | None = None
     fail_closed: str | None = None  # why classification could not run (``ClassificationUnavailable.code``)
+    output_guard_hits: list[tuple[str, str]] = field(default_factory=list)  # (target id, action taken)
     _active: int = 0
     _active_since: float = 0.0
 
@@ -62,6 +63,11 @@ class RequestTelemetry:
         self.fail_closed = reason
         self.targets = ()
         self.policy = policy or POLICY_NONE
+
+    def record_output_guard_hit(self, target: str, action: str) -> None:
+        """Called when the output guard stopped an answer for ``target``: ``action`` is ``error`` (the answer
+        ended with an error) or ``refuse`` (the refusal replaced the rest)."""
+        self.output_guard_hits.append((target, action))
 
     def record_classifier_time(self, seconds: float) -> None:
         self.classifier_seconds = (self.classifier_seconds or 0.0) + seconds

@@ -58,6 +58,10 @@ class GatewayMetrics:
                                    "not run (answered 503, or the refusal with fail_mode=refuse; never "
                                    "unguarded), by reason: classifier_error, classifier_timeout, "
                                    "classifier_index_missing, targets_not_loaded", ["reason"], registry=registry)
+        self.output_guard_hits = Counter("unlearn_output_guard_hits", "Answers the output guard stopped because "
+                                         "they reproduced a target's facts (classifier misses caught late), per "
+                                         "target and action (error, refuse)", ["target", "action"],
+                                         registry=registry)
         self.reload_lag = Histogram("unlearn_targets_reload_lag_seconds", "From this worker learning of a newer "
                                     "target set version (notification or resync) to serving it",
                                     buckets=RELOAD_BUCKETS, registry=registry)
@@ -88,6 +92,10 @@ class GatewayMetrics:
     def count_flagged(self, targets: Iterable[str]) -> None:
         for target in targets:
             self.flagged.labels(self._target_label(target)).inc()
+
+    def count_output_guard_hits(self, hits: Iterable[tuple[str, str]]) -> None:
+        for target, action in hits:
+            self.output_guard_hits.labels(self._target_label(target), action).inc()
 
     def _target_label(self, target: str) -> str:
         if target in self._targets:

@@ -181,6 +181,8 @@ class TelemetryMiddleware:
             metrics.count_flagged(telemetry.targets)
         if telemetry.fail_closed is not None:
             metrics.fail_closed.labels(telemetry.fail_closed).inc()
+        if telemetry.output_guard_hits:
+            metrics.count_output_guard_hits(telemetry.output_guard_hits)
         if aborted:
             aborts.inc()
 
@@ -198,6 +200,7 @@ class TelemetryMiddleware:
                 "decision": telemetry.decision, "policy": telemetry.policy, "targets_count": len(telemetry.targets),
                 "stream": streaming, "aborted": aborted, "upstream_error": telemetry.upstream_error,
                 "fail_closed": telemetry.fail_closed,
+                "output_guard_hits": len(telemetry.output_guard_hits),
                 "key_id": scope.get("state", {}).get("key_id"),
             }
         if span is not None and fields is not None:
