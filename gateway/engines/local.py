@@ -110,6 +110,13 @@ class LoadedModel:
         return embeds
 
 
+def _forward(loaded: LoadedModel, ids: list[list[int]], cache):
+    """One forward step of ``loaded`` in the calling thread: (last position's logits, the grown cache)."""
+    with torch.inference_mode():  # thread-local: set it in the thread that runs the step
+        out = loaded.model(input_ids=torch.tensor(ids, device=loaded.device), cache=cache, use_cache=True)
+    return out.logits[0, -1], out.cache
+
+
 DeltaSink = Callable[[GenerationDelta | BaseException | None], None]
 
 
@@ -124,6 +131,9 @@ class LocalEngine:
         self._assistants: dict[str, LoadedModel] = {}
         self._assistants_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="local-engine")
+        # Lock-step assistants step in their own threads, beside the served model's step: both forwards release
+        # the GIL in their kernels, so the assistant's cost mostly hides behind the served model's.
+        self._assistant_executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="local-engine-assistant")
         self._active = 0
         self._active_lock = threading.Lock()
 
@@ -143,6 +153,7 @@ class LocalEngine:
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._assistant_executor.shutdown(wait=False, cancel_futures=True)
 
     def render(self, request: GenerationRequest) -> Prompt:
         if request.messages is not None:
@@ -232,10 +243,11 @@ class LocalEngine:
                 out = loaded.model(input_ids=torch.tensor([prompt.ids], device=loaded.device), use_cache=True)
             return out.logits[0, -1], out.cache
 
-        logits, cache = first_step(main, bool(prompt.embeds))
         assistant = self._assistant(request.assistant.model) if request.assistant else None
+        a_step = None  # the assistant's step in flight: (logits, cache) for the same tokens as the served model's
         if assistant is not None:
-            a_logits, a_cache = first_step(assistant, False)
+            a_step = self._assistant_executor.submit(_forward, assistant, [prompt.ids], None)
+        logits, cache = first_step(main, bool(prompt.embeds))
         output_ids: list[int] = []
         finish = "length"
         eos_logprobs = None
@@ -243,7 +255,11 @@ class LocalEngine:
             if cancelled.is_set():
                 return
             raw = logits.float()
-            scores = request.assistant.combine(raw, a_logits.float()) if assistant is not None else raw.clone()
+            if a_step is not None:
+                a_logits, a_cache = a_step.result()
+                scores = request.assistant.combine(raw, a_logits.float())
+            else:
+                scores = raw.clone()
             scores = apply_processors(request.logits_processors, prompt.ids, output_ids, scores)
             token = sample_next(scores, sampling.temperature, sampling.top_p, generator)
             output_ids.append(token)
@@ -261,12 +277,10 @@ class LocalEngine:
             sink(GenerationDelta(text, [token], logprobs))
             if len(output_ids) >= budget:
                 break
-            step = torch.tensor([[token]], device=main.device)
-            out = main.model(input_ids=step, cache=cache, use_cache=True)
-            logits, cache = out.logits[0, -1], out.cache
             if assistant is not None:
-                a_out = assistant.model(input_ids=step.to(assistant.device), cache=a_cache, use_cache=True)
-                a_logits, a_cache = a_out.logits[0, -1], a_out.cache
+                a_step = self._assistant_executor.submit(_forward, assistant, [[token]], a_cache)
+            out = main.model(input_ids=torch.tensor([[token]], device=main.device), cache=cache, use_cache=True)
+            logits, cache = out.logits[0, -1], out.cache
         sink(GenerationDelta(stream.flush(), [], eos_logprobs, finish_reason=finish,
                              prompt_tokens=len(prompt.ids), completion_tokens=len(output_ids)))
 
