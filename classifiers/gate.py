@@ -88,6 +88,14 @@ class EncoderGate:
         self.row_count = np.array([len(e.static_rows) for e in entries], dtype=np.int64)
         usable = static is not None and len(entries) > 0 and bool(self.row_count.all())
         self.static_rows: list[np.ndarray] | None = [e.static_rows for e in entries] if usable else None
+        # Static rows behind each word whose targets alone exceed STATIC_MAX_ROWS: a window with such a word is
+        # encoded without uniting postings of thousands of targets (most of select's cost at 100,000 targets).
+        self.wide_rows: dict[str, int] = {}
+        for word, targets in self.postings.items():
+            if len(targets) * int(self.row_count.max(initial=0)) > STATIC_MAX_ROWS:
+                rows = int(self.row_count[list(targets)].sum())
+                if rows > STATIC_MAX_ROWS:
+                    self.wide_rows[word] = rows
 
     def candidates(self, text_words: Iterable[str], exclude: Iterable[int] = ()) -> set[int]:
         """Targets sharing a distinctive word with a text given as its normalised words."""
@@ -112,17 +120,35 @@ class EncoderGate:
         return out
 
     def select(self, texts: Sequence[str], forced: Sequence[bool], exclude: set[int]) -> list[bool]:
-        """Per window: encode it? ``forced`` windows always are; ``exclude``: targets the names decide."""
-        split = [[] if f else words(t) for t, f in zip(texts, forced, strict=True)]
-        chosen = [self.candidates(w, exclude) if w else set() for w in split]
-        keep = [f or bool(c) for f, c in zip(forced, chosen, strict=True)]
-        if self.static_rows is None or self.threshold == -math.inf:
-            return keep
-        check = [w for w, c in enumerate(chosen) if c]
+        """Per window: encode it? ``forced`` windows always are; ``exclude``: targets the names decide.
+
+        The same decision as ``candidates`` then ``closest`` per window, without building a candidate set
+        where the answer does not need one: with the static check off only "any candidate left?" matters, and a
+        word whose targets hold more than ``STATIC_MAX_ROWS`` rows passes the static check anyway."""
+        static_check = self.static_rows is not None and self.threshold != -math.inf
+        excluded_rows = int(self.row_count[list(exclude)].sum()) if exclude else 0
+        keep = list(forced)
+        check: list[int] = []
+        check_words: list[list[str]] = []
+        check_targets: list[set[int]] = []
+        for w, (text, f) in enumerate(zip(texts, forced, strict=True)):
+            if f:
+                continue
+            text_words = words(text)
+            hits = [(word, targets) for word in distinctive(text_words)
+                    if (targets := self.postings.get(word)) is not None]
+            if not any(len(targets) > len(exclude) or not exclude.issuperset(targets) for _, targets in hits):
+                continue  # no candidate target left
+            if not static_check or any(self.wide_rows.get(word, 0) - excluded_rows > STATIC_MAX_ROWS
+                                       for word, _ in hits):
+                keep[w] = True
+                continue
+            check.append(w)
+            check_words.append(text_words)
+            check_targets.append(set().union(*(targets for _, targets in hits)).difference(exclude))
         if check:
-            vectors = self.static.embed_words([split[w] for w in check])  # type: ignore[union-attr]
-            best = self.closest(vectors, [chosen[w] for w in check])
-            for w, sim in zip(check, best, strict=True):
+            vectors = self.static.embed_words(check_words)  # type: ignore[union-attr]
+            for w, sim in zip(check, self.closest(vectors, check_targets), strict=True):
                 keep[w] = bool(sim >= self.threshold)
         return keep
 

@@ -202,6 +202,33 @@ def test_static_gate_threshold_is_the_calibrated_quantile_of_unnamed_positives(i
     assert np.mean(admitted) >= 1 - index.config.static_gate_miss - 1 / len(passing)
 
 
+@pytest.mark.parametrize("max_rows", [None, 6])
+def test_gate_select_decides_as_candidates_then_closest(index: TargetIndex, monkeypatch, max_rows):
+    """``select`` skips building candidate sets where the answer does not need them; its decisions must equal
+    the plain rule (candidates, then the static check over their rows), also when words exceed the row cap."""
+    from classifiers import gate as gate_module
+    from classifiers.static import words
+
+    if max_rows is not None:
+        monkeypatch.setattr(gate_module, "STATIC_MAX_ROWS", max_rows)
+    entries = index.entries
+    limit = max(2.0, index.config.gate_max_share * len(entries))
+    gate = gate_module.EncoderGate(index.vocabulary, entries, limit, index.gate.static, index.gate.threshold)
+    assert gate.threshold != -math.inf
+    if max_rows is not None:
+        assert gate.wide_rows  # the fast path is exercised
+    texts = [text for e in entries for _, text in e.variants] + [t for target in TARGETS for t in target.facts] + [
+        "What is a good recipe for bread?", "The weather was lovely on the coast today.", ""]
+    for exclude in (set(), {0}, set(range(len(entries)))):
+        expected = []
+        for text in texts:
+            chosen = gate.candidates(words(text), exclude)
+            expected.append(bool(chosen) and bool(gate.closest(gate.static.embed_words([words(text)]), [chosen])[0]
+                                                   >= gate.threshold))
+        assert gate.select(texts, [False] * len(texts), exclude) == expected
+    assert gate.select(texts, [True] * len(texts), set()) == [True] * len(texts)
+
+
 def test_decision_lines_follow_the_cli_contract(index: TargetIndex):
     decision = index.classify([{"role": "user", "content": "Which medal did the atlas Blue Below win?"}])
     line = decision.line("q1")
