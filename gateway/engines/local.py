@@ -111,9 +111,13 @@ class LoadedModel:
 
 
 def _forward(loaded: LoadedModel, ids: list[list[int]], cache):
-    """One forward step of ``loaded`` in the calling thread: (last position's logits, the grown cache)."""
+    """One forward step of ``loaded`` over ``ids`` (a batch of one) after ``cache``: (the last position's logits,
+    the grown cache)."""
     with torch.inference_mode():  # thread-local: set it in the thread that runs the step
-        out = loaded.model(input_ids=torch.tensor(ids, device=loaded.device), cache=cache, use_cache=True)
+        # Only the last position's logits are used: a prompt's full (tokens x vocabulary) head product is
+        # wasted (12% of a 200-token prefill on the demo model).
+        out = loaded.model(input_ids=torch.tensor(ids, device=loaded.device), cache=cache, use_cache=True,
+                           logits_to_keep=1)
     return out.logits[0, -1], out.cache
 
 
@@ -236,18 +240,15 @@ class LocalEngine:
             generator = torch.Generator(device=main.device).manual_seed(sampling.seed % 2**64)
         stream = TextStream(main.tokenizer, sampling.stop)
 
-        def first_step(loaded: LoadedModel, with_embeds: bool):
-            if with_embeds:
-                out = loaded.model(inputs_embeds=loaded.input_embeddings(prompt), use_cache=True)
-            else:
-                out = loaded.model(input_ids=torch.tensor([prompt.ids], device=loaded.device), use_cache=True)
-            return out.logits[0, -1], out.cache
-
         assistant = self._assistant(request.assistant.model) if request.assistant else None
         a_step = None  # the assistant's step in flight: (logits, cache) for the same tokens as the served model's
         if assistant is not None:
             a_step = self._assistant_executor.submit(_forward, assistant, [prompt.ids], None)
-        logits, cache = first_step(main, bool(prompt.embeds))
+        if prompt.embeds:
+            out = main.model(inputs_embeds=main.input_embeddings(prompt), use_cache=True, logits_to_keep=1)
+            logits, cache = out.logits[0, -1], out.cache
+        else:
+            logits, cache = _forward(main, [prompt.ids], None)
         output_ids: list[int] = []
         finish = "length"
         eos_logprobs = None
@@ -279,8 +280,7 @@ class LocalEngine:
                 break
             if assistant is not None:
                 a_step = self._assistant_executor.submit(_forward, assistant, [[token]], a_cache)
-            out = main.model(input_ids=torch.tensor([[token]], device=main.device), cache=cache, use_cache=True)
-            logits, cache = out.logits[0, -1], out.cache
+            logits, cache = _forward(main, [[token]], cache)
         sink(GenerationDelta(stream.flush(), [], eos_logprobs, finish_reason=finish,
                              prompt_tokens=len(prompt.ids), completion_tokens=len(output_ids)))
 
