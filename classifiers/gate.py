@@ -91,8 +91,9 @@ class EncoderGate:
         # Static rows behind each word whose targets alone exceed STATIC_MAX_ROWS: a window with such a word is
         # encoded without uniting postings of thousands of targets (most of select's cost at 100,000 targets).
         self.wide_rows: dict[str, int] = {}
+        most_rows = int(self.row_count.max(initial=0))
         for word, targets in self.postings.items():
-            if len(targets) * int(self.row_count.max(initial=0)) > STATIC_MAX_ROWS:
+            if len(targets) * most_rows > STATIC_MAX_ROWS:  # cheap bound first: most words have few targets
                 rows = int(self.row_count[list(targets)].sum())
                 if rows > STATIC_MAX_ROWS:
                     self.wide_rows[word] = rows
