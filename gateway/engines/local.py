@@ -110,14 +110,15 @@ class LoadedModel:
         return embeds
 
 
-def _forward(loaded: LoadedModel, ids: list[list[int]], cache):
-    """One forward step of ``loaded`` over ``ids`` (a batch of one) after ``cache``: (the last position's logits,
-    the grown cache)."""
+def _forward(loaded: LoadedModel, ids: list[list[int]] | None, cache, embeds: torch.Tensor | None = None):
+    """One forward step of ``loaded`` over ``ids`` (a batch of one), or over input ``embeds``, after ``cache``:
+    (the last position's logits, the grown cache)."""
     with torch.inference_mode():  # thread-local: set it in the thread that runs the step
+        inputs = {"inputs_embeds": embeds} if embeds is not None else {
+            "input_ids": torch.tensor(ids, device=loaded.device)}
         # Only the last position's logits are used: a prompt's full (tokens x vocabulary) head product is
         # wasted (12% of a 200-token prefill on the demo model).
-        out = loaded.model(input_ids=torch.tensor(ids, device=loaded.device), cache=cache, use_cache=True,
-                           logits_to_keep=1)
+        out = loaded.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1], out.cache
 
 
@@ -245,8 +246,7 @@ class LocalEngine:
         if assistant is not None:
             a_step = self._assistant_executor.submit(_forward, assistant, [prompt.ids], None)
         if prompt.embeds:
-            out = main.model(inputs_embeds=main.input_embeddings(prompt), use_cache=True, logits_to_keep=1)
-            logits, cache = out.logits[0, -1], out.cache
+            logits, cache = _forward(main, None, None, embeds=main.input_embeddings(prompt))
         else:
             logits, cache = _forward(main, [prompt.ids], None)
         output_ids: list[int] = []
