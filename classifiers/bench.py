@@ -121,7 +121,7 @@ def _synthetic_entry_factory(encoder: Encoder, seed: int = 0) -> Callable[[Targe
         variants = tuple((row, text.replace(target.name, "someone")) for row, text in positives)
         key = int(digest[:10], 16)
         texts = [f"{target.name}. {target.description}", *target.facts, *target.examples]
-        words = frozenset(content_words(texts))
+        words = tuple(sorted(content_words(texts)))
         static_rows = static.embed(texts).astype(np.float16) if static is not None else \
             np.zeros((0, STATIC_DIM), np.float16)
         return TargetEntry(target.id, digest, encoder.name, key, target_patterns(target.name, target.aliases), block,

@@ -20,11 +20,12 @@ Why these: each one answers a question an operator would ask about a borderline 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from classifiers.semantic import KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT
+from classifiers.semantic import KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT, ExemplarBlock
 
 FEATURES = ("exact", "fuzzy", "partial", "sim_example", "sim_fact", "sim_description", "sim_top3",
             "sim_keep", "margin_keep", "margin_generic", "margin_other", "has_keep", "names_other", "other_target",
@@ -62,69 +63,106 @@ class MentionEvidence:
 NO_MENTION = MentionEvidence()
 
 
-def _masked_max(sims: np.ndarray, mask: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    if not mask.any():
-        return fallback
-    return sims[:, mask].max(axis=1)
+@dataclass(frozen=True, slots=True)
+class LeftOut:
+    """Rows of one target left out of its features: training on a target's own example, keep prompt or related
+    question must not see that very row."""
+
+    row: int | None = None
+    keep: int | None = None
+    related: int | None = None
 
 
-def pair_features(window_vectors: np.ndarray, rows: np.ndarray, kinds: np.ndarray, keep: np.ndarray,
-                  related: np.ndarray, generic: np.ndarray, other: np.ndarray, mention: MentionEvidence,
-                  names_other: np.ndarray | None = None, other_target: float = 0.0,
-                  who: np.ndarray | None = None,
-                  drop_row: int | None = None, drop_keep: int | None = None,
-                  drop_related: int | None = None) -> np.ndarray:
-    """A (windows x len(FEATURES)) matrix for one target.
+NOTHING_LEFT_OUT = LeftOut()
 
-    ``rows``/``kinds`` are the target's positive exemplar rows, ``keep`` its keep rows, ``generic`` and ``other``
-    the best similarity of each window to the generic-prompt bank and to any other target. ``drop_row`` and
-    ``drop_keep``/``drop_related`` leave one row out (training on a target's own example must not see that example).
+
+class _Rows:
+    """Several targets' rows of one kind, compared with the windows in one product and laid out as
+    (windows, targets, longest row count) with ``-inf`` where a target has no row (or one was left out)."""
+
+    def __init__(self, window_vectors: np.ndarray, arrays: Sequence[np.ndarray], dropped: Sequence[int | None]
+                 ) -> None:
+        counts = np.array([len(a) for a in arrays], dtype=np.int64)
+        width = int(counts.max(initial=0))
+        self.valid = np.arange(width)[None, :] < counts[:, None]  # (targets, width)
+        for t, row in enumerate(dropped):
+            if row is not None and 0 <= row < counts[t]:
+                self.valid[t, row] = False
+        n_windows = len(window_vectors)
+        if not counts.sum():
+            self.sims = np.full((n_windows, len(arrays), width), -np.inf, np.float32)
+            return
+        flat = window_vectors @ np.concatenate(arrays).T.astype(np.float32)  # (windows, all rows)
+        position = np.full((len(arrays), width), flat.shape[1], dtype=np.int64)  # padding -> the -inf column
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        position[self.valid] = (offsets[:, None] + np.arange(width)[None, :])[self.valid]
+        flat = np.concatenate([flat, np.full((n_windows, 1), -np.inf, np.float32)], axis=1)
+        self.sims = flat[:, position]
+
+    def best(self, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per (window, target) the best similarity over the rows in ``mask`` (default: every valid row),
+        and per target whether it has any such row."""
+        mask = self.valid if mask is None else self.valid & mask
+        if not self.sims.shape[2]:
+            return np.zeros(self.sims.shape[:2], np.float32), mask.any(axis=1)
+        return np.where(mask[None], self.sims, -np.inf).max(axis=2), mask.any(axis=1)
+
+
+def pair_features(window_vectors: np.ndarray, blocks: Sequence[ExemplarBlock], generic: np.ndarray,
+                  other: np.ndarray, mentions: Sequence[MentionEvidence], names_other: np.ndarray | None = None,
+                  other_target: np.ndarray | None = None, who: np.ndarray | None = None,
+                  left_out: Sequence[LeftOut] | None = None) -> np.ndarray:
+    """A (targets x windows x len(FEATURES)) array: the features of every window against every target in
+    ``blocks``, computed in a few array operations however many targets there are.
+
+    ``generic`` (windows) is each window's best similarity to the generic-prompt bank; ``other`` (targets x
+    windows) its best similarity to any target but this one; ``names_other`` (targets x windows) and
+    ``other_target`` (targets) the "someone else" evidence; ``left_out`` per target, rows its features must not
+    see (see ``LeftOut``).
     """
-    n_windows = len(window_vectors)
-    sims = window_vectors @ rows.T.astype(np.float32) if len(rows) else np.zeros((n_windows, 0), np.float32)
-    valid = np.ones(len(rows), dtype=bool)
-    if drop_row is not None and 0 <= drop_row < len(rows):
-        valid[drop_row] = False
-    zeros = np.zeros(n_windows, dtype=np.float32)
-    desc = _masked_max(sims, valid & (kinds == KIND_DESCRIPTION), zeros)
-    fact = _masked_max(sims, valid & (kinds == KIND_FACT), desc)
-    example = _masked_max(sims, valid & (kinds == KIND_EXAMPLE), np.maximum(fact, desc))
-    usable = sims[:, valid]
-    if usable.shape[1]:
-        k = min(3, usable.shape[1])
-        top3 = -np.sort(-usable, axis=1)[:, :k].mean(axis=1)
-        best = usable.max(axis=1)
-    else:
-        top3 = best = zeros
-    if drop_keep is not None and 0 <= drop_keep < len(keep):
-        keep = np.delete(keep, drop_keep, axis=0)
-    if len(keep):
-        sim_keep = (window_vectors @ keep.T.astype(np.float32)).max(axis=1)
-        has_keep = 1.0
-    else:
-        sim_keep, has_keep = zeros, 0.0
-    if drop_related is not None and 0 <= drop_related < len(related):
-        related = np.delete(related, drop_related, axis=0)
-    sim_related = (window_vectors @ related.T.astype(np.float32)).max(axis=1) if len(related) else zeros
-    out = np.empty((n_windows, len(FEATURES)), dtype=np.float32)
-    out[:, 0] = mention.exact
-    out[:, 1] = mention.fuzzy
-    out[:, 2] = mention.partial
-    out[:, 3] = example
-    out[:, 4] = fact
-    out[:, 5] = desc
-    out[:, 6] = top3
-    out[:, 7] = sim_keep
-    out[:, 8] = best - sim_keep if has_keep else 0.0
-    out[:, 9] = best - generic
-    out[:, 10] = best - other
-    out[:, 11] = has_keep
-    out[:, 12] = 0.0 if names_other is None else names_other
-    out[:, 13] = other_target
-    out[:, 14] = sim_related
-    out[:, 15] = best - sim_related if len(related) else 0.0
-    out[:, 16] = 0.0 if who is None else who
-    return out
+    n_targets, n_windows = len(blocks), len(window_vectors)
+    left_out = left_out or [NOTHING_LEFT_OUT] * n_targets
+    positive = _Rows(window_vectors, [b.vectors for b in blocks], [d.row for d in left_out])
+    kinds = np.full(positive.valid.shape, -1, np.int8)
+    for t, block in enumerate(blocks):
+        kinds[t, :len(block.kinds)] = block.kinds
+    desc, has_desc = positive.best(kinds == KIND_DESCRIPTION)
+    fact, has_fact = positive.best(kinds == KIND_FACT)
+    example, has_example = positive.best(kinds == KIND_EXAMPLE)
+    desc = np.where(has_desc[None], desc, 0.0)
+    fact = np.where(has_fact[None], fact, desc)
+    example = np.where(has_example[None], example, np.maximum(fact, desc))
+    best, has_any = positive.best()
+    best = np.where(has_any[None], best, 0.0)
+    # Mean of each target's three best rows (fewer when it has fewer): padding and left-out rows are -inf.
+    top = -np.sort(-positive.sims, axis=2)[:, :, :3]
+    top3_count = np.minimum(positive.valid.sum(axis=1), 3)
+    top3 = np.where(np.isfinite(top), top, 0.0).sum(axis=2) / np.maximum(top3_count, 1)[None]
+    keep = _Rows(window_vectors, [b.keep for b in blocks], [d.keep for d in left_out])
+    sim_keep, has_keep = keep.best()
+    sim_keep = np.where(has_keep[None], sim_keep, 0.0)
+    related = _Rows(window_vectors, [b.related for b in blocks], [d.related for d in left_out])
+    sim_related, has_related = related.best()
+    sim_related = np.where(has_related[None], sim_related, 0.0)
+    out = np.empty((n_windows, n_targets, len(FEATURES)), dtype=np.float32)
+    out[:, :, 0] = [m.exact for m in mentions]
+    out[:, :, 1] = [m.fuzzy for m in mentions]
+    out[:, :, 2] = [m.partial for m in mentions]
+    out[:, :, 3] = example
+    out[:, :, 4] = fact
+    out[:, :, 5] = desc
+    out[:, :, 6] = top3
+    out[:, :, 7] = sim_keep
+    out[:, :, 8] = np.where(has_keep[None], best - sim_keep, 0.0)
+    out[:, :, 9] = best - generic[:, None]
+    out[:, :, 10] = best - other.T
+    out[:, :, 11] = has_keep
+    out[:, :, 12] = 0.0 if names_other is None else names_other.T
+    out[:, :, 13] = 0.0 if other_target is None else other_target
+    out[:, :, 14] = sim_related
+    out[:, :, 15] = np.where(has_related[None], best - sim_related, 0.0)
+    out[:, :, 16] = 0.0 if who is None else who[:, None]
+    return out.transpose(1, 0, 2)
 
 
 def best_positive(features: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ STATIC_MAX_ROWS = 20_000  # a static check over more candidate rows costs about 
 class GateEntry(Protocol):
     """What the gate reads of a target entry."""
 
-    vocabulary: frozenset[str]
+    vocabulary: Sequence[str]  # distinct words
     static_rows: np.ndarray  # float16 (rows, STATIC_DIM): static vectors of the target's exemplar rows
 
 

@@ -133,9 +133,9 @@ class LexicalMatcher:
     def __init__(self, patterns: Mapping[str, TargetPatterns]) -> None:
         self._automaton = ahocorasick.Automaton()
         entries: dict[str, list[tuple[str, MentionKind]]] = {}
-        self._by_head: dict[tuple[str, str], list[tuple[tuple[str, ...], str]]] = {}
-        self._by_ends: dict[tuple[str, ...], list[str]] = {}  # two-word names, for middle names in between
-        self._deletes: dict[str, set[str]] = {}
+        by_head: dict[tuple[str, str], list[tuple[tuple[str, ...], str]]] = {}
+        by_ends: dict[tuple[str, ...], list[str]] = {}
+        deletes: dict[str, set[str]] = {}
         self._name_tokens: set[str] = set()
         self._options: dict[str, tuple[dict[str, int], frozenset[str]]] = {}  # per-word cache (``_word_options``)
         for target_id, pats in patterns.items():
@@ -143,18 +143,23 @@ class LexicalMatcher:
                 entries.setdefault(f" {pattern} ", []).append((target_id, "exact"))
                 tokens = tuple(pattern.split())
                 head = (tokens[0], tokens[1] if len(tokens) > 1 else "")
-                self._by_head.setdefault(head, []).append((tokens, target_id))
+                by_head.setdefault(head, []).append((tokens, target_id))
                 if len(tokens) == 2:
-                    self._by_ends.setdefault(tokens, []).append(target_id)
+                    by_ends.setdefault(tokens, []).append(target_id)
                 for token in tokens:
                     if len(token) >= MIN_FUZZY_TOKEN and token.isalpha():
                         self._name_tokens.add(token)
             for pattern in pats.partial:
                 entries.setdefault(f" {pattern} ", []).append((target_id, "partial"))
         for token in self._name_tokens:
-            self._deletes.setdefault(token, set()).add(token)
+            deletes.setdefault(token, set()).add(token)
             for deleted in _deletions(token):
-                self._deletes.setdefault(deleted, set()).add(token)
+                deletes.setdefault(deleted, set()).add(token)
+        # Held as tuples (most hold one item): a third of the memory of lists and sets, about 100 MB less at
+        # 100,000 targets.
+        self._by_head = {key: tuple(value) for key, value in by_head.items()}
+        self._by_ends = {key: tuple(value) for key, value in by_ends.items()}  # two-word names: middle names
+        self._deletes = {key: tuple(sorted(value)) for key, value in deletes.items()}  # symmetric deletion index
         for key, value in entries.items():
             self._automaton.add_word(key, (len(key), tuple(value)))
         self.empty = not entries

@@ -229,6 +229,45 @@ def test_gate_select_decides_as_candidates_then_closest(index: TargetIndex, monk
     assert gate.select(texts, [True] * len(texts), set()) == [True] * len(texts)
 
 
+def test_features_of_many_targets_at_once_equal_each_target_alone(index: TargetIndex):
+    """The decision computes every candidate target's features in one padded pass; each target's slice must be
+    what that target alone gives, whatever its neighbours' row counts, and a left-out row must be unseen."""
+    from classifiers.features import FEATURES, LeftOut, MentionEvidence, pair_features
+
+    rng = np.random.default_rng(0)
+    vectors = index.encoder.encode(["Where was the cartographer born?", "Which chess magazine ran twenty years?",
+                                    "How do I boil an egg?"])
+    blocks = [entry.block for entry in index.entries]
+    assert len({len(b.vectors) for b in blocks}) > 1 and len({len(b.keep) for b in blocks}) > 1
+    generic = rng.uniform(0, 0.5, len(vectors)).astype(np.float32)
+    other = rng.uniform(0, 0.5, (len(blocks), len(vectors))).astype(np.float32)
+    names_other = rng.integers(0, 2, (len(blocks), len(vectors))).astype(np.float32)
+    mentions = [MentionEvidence(1.0, 1.0, 0.0), MentionEvidence(), MentionEvidence(0.0, 0.0, 1.0)]
+    sims = vectors @ blocks[0].vectors.astype(np.float32).T
+    drop = int(sims[0].argmax())  # the first window's best row of the first target: leaving it out must show
+    left_out = [LeftOut(row=drop, keep=0), LeftOut(), LeftOut(row=0, related=0)]
+    who = np.array([1.0, 1.0, 0.0], np.float32)
+    together = pair_features(vectors, blocks, generic, other, mentions, names_other, np.array([0.0, 1.0, 0.0]),
+                             who, left_out)
+    assert together.shape == (len(blocks), len(vectors), len(FEATURES))
+    for t in range(len(blocks)):
+        alone = pair_features(vectors, blocks[t:t + 1], generic, other[t:t + 1], mentions[t:t + 1],
+                              names_other[t:t + 1], np.array([[0.0, 1.0, 0.0][t]]), who, left_out[t:t + 1])
+        np.testing.assert_allclose(together[t], alone[0], atol=1e-6)
+    # By hand for the first target, with its row ``drop`` and keep prompt 0 left out.
+    block = blocks[0]
+    examples = (block.kinds == 2) & (np.arange(len(block.kinds)) != drop)
+    np.testing.assert_allclose(together[0, :, FEATURES.index("sim_example")], sims[:, examples].max(axis=1),
+                               atol=1e-6)
+    usable = np.delete(sims, drop, axis=1)
+    np.testing.assert_allclose(together[0, :, FEATURES.index("sim_top3")],
+                               -np.sort(-usable, axis=1)[:, :3].mean(axis=1), atol=1e-6)
+    keep = vectors @ block.keep[1:].astype(np.float32).T
+    np.testing.assert_allclose(together[0, :, FEATURES.index("sim_keep")], keep.max(axis=1), atol=1e-6)
+    np.testing.assert_allclose(together[0, :, FEATURES.index("margin_other")], usable.max(axis=1) - other[0],
+                               atol=1e-6)
+
+
 def test_decision_lines_follow_the_cli_contract(index: TargetIndex):
     decision = index.classify([{"role": "user", "content": "Which medal did the atlas Blue Below win?"}])
     line = decision.line("q1")
