@@ -125,7 +125,8 @@ def _synthetic_entry_factory(encoder: Encoder, seed: int = 0) -> Callable[[Targe
         static_rows = static.embed(texts).astype(np.float16) if static is not None else \
             np.zeros((0, STATIC_DIM), np.float16)
         return TargetEntry(target.id, digest, encoder.name, key, target_patterns(target.name, target.aliases), block,
-                           positives, variants, vectors(len(variants)), (), (), words, static_rows)
+                           positives, variants, vectors(len(variants)), (), (), words, static_rows,
+                           tuple(sorted(content_words([target.name, *target.aliases]))))
 
     return factory
 

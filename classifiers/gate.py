@@ -6,7 +6,8 @@ checks, cheapest first, each costing the same at 10 or 100,000 targets:
 1. a target named in the conversation is decided by its name (the lexical stage), so its words open nothing -
    unless it has keep prompts, whose check needs the window's embedding;
 2. a window must share a distinctive word with some target's name, description, facts or examples (function
-   words and words a large share of the targets use are not distinctive);
+   words and words a large share of the targets use are not distinctive; a word written only inside someone's
+   full name does not count for a target whose own name merely shares it);
 3. its static vector (``classifiers.static``, a table look-up per word) must come within a calibrated threshold
    of one of those targets' exemplar rows. The threshold is the ``static_gate_miss`` quantile of the operator's
    own unnamed positives (masked example prompts, reverse questions) against their target's *other* rows.
@@ -59,6 +60,7 @@ class GateEntry(Protocol):
     """What the gate reads of a target entry."""
 
     vocabulary: Sequence[str]  # distinct words
+    name_words: Sequence[str]  # the words of its own name and aliases
     static_rows: np.ndarray  # float16 (rows, STATIC_DIM): static vectors of the target's exemplar rows
 
 
@@ -82,6 +84,14 @@ class EncoderGate:
                 if vocabulary.get(word, 0) <= limit:
                     postings.setdefault(word, []).append(t)
         self.postings = {word: tuple(targets) for word, targets in postings.items()}  # tuples: no spare room
+        # Per distinctive word, the targets whose own name holds it: a word written inside someone else's full
+        # name opens nothing for them (see ``select``).
+        name_postings: dict[str, set[int]] = {}
+        for t, entry in enumerate(entries):
+            for word in entry.name_words:
+                if word in self.postings:
+                    name_postings.setdefault(word, set()).add(t)
+        self.name_postings = {word: frozenset(targets) for word, targets in name_postings.items()}
         self.static = static
         self.threshold = threshold
         # The entries' own arrays, not one concatenated copy: at 100,000 targets a copy would cost 64 MB more.
@@ -120,8 +130,11 @@ class EncoderGate:
             out[w] = float((rows @ vectors[w]).max())
         return out
 
-    def select(self, texts: Sequence[str], forced: Sequence[bool], exclude: set[int]) -> list[bool]:
-        """Per window: encode it? ``forced`` windows always are; ``exclude``: targets the names decide.
+    def select(self, texts: Sequence[str], forced: Sequence[bool], exclude: set[int],
+               in_names: Sequence[frozenset[str]] | None = None) -> list[bool]:
+        """Per window: encode it? ``forced`` windows always are; ``exclude``: targets the names decide;
+        ``in_names``: per window, the words it only uses inside full names written in it, which count only for
+        targets whose own name does not hold them.
 
         The same decision as ``candidates`` then ``closest`` per window, without building a candidate set
         where the answer does not need one: with the static check off only "any candidate left?" matters, and a
@@ -136,12 +149,22 @@ class EncoderGate:
             if f:
                 continue
             text_words = words(text)
-            hits = [(word, targets) for word in distinctive(text_words)
-                    if (targets := self.postings.get(word)) is not None]
+            name_only = in_names[w] if in_names is not None else frozenset()
+            hits: list[tuple[str, Sequence[int]]] = []
+            for word in distinctive(text_words):
+                targets = self.postings.get(word)
+                if targets is None:
+                    continue
+                if word in name_only and word in self.name_postings:
+                    owners = self.name_postings[word]
+                    targets = [t for t in targets if t not in owners]
+                    if not targets:
+                        continue
+                hits.append((word, targets))
             if not any(len(targets) > len(exclude) or not exclude.issuperset(targets) for _, targets in hits):
                 continue  # no candidate target left
-            if not static_check or any(self.wide_rows.get(word, 0) - excluded_rows > STATIC_MAX_ROWS
-                                       for word, _ in hits):
+            if not static_check or any(word not in name_only and self.wide_rows.get(word, 0) - excluded_rows >
+                                       STATIC_MAX_ROWS for word, _ in hits):
                 keep[w] = True
                 continue
             check.append(w)

@@ -57,7 +57,7 @@ from classifiers.semantic import (
     ExemplarBlock,
     SemanticIndex,
 )
-from classifiers.static import STATIC_DIM, static_embedder
+from classifiers.static import STATIC_DIM, static_embedder, words
 from classifiers.synthetic import related_questions, reverse_questions
 from classifiers.windows import Window, conversation_windows, message_windows
 from gateway.registry.targets import Target
@@ -142,6 +142,7 @@ class TargetEntry:
     # the size, and 100,000 targets hold about a million of them.
     vocabulary: tuple[str, ...] = ()
     static_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, STATIC_DIM), np.float16))
+    name_words: tuple[str, ...] = ()  # content words of the target's own name and aliases
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,20 @@ def _mask(text: str, mentions: Sequence[Mention], word: str) -> str:
     return "".join(out)
 
 
+def _words_only_in_names(content: str, window: Window, names: Sequence[Mention]) -> frozenset[str]:
+    """Words of the window that it only uses inside the full names written in it."""
+    inside = [(max(m.start, window.start), min(m.end, window.end)) for m in names
+              if m.message == window.message and m.start < window.end and window.start < m.end]
+    if not inside:
+        return frozenset()
+    chars = list(content[window.start:window.end])
+    in_names: set[str] = set()
+    for start, end in inside:
+        in_names.update(words(content[start:end]))
+        chars[start - window.start:end - window.start] = " " * (end - start)
+    return frozenset(in_names.difference(words("".join(chars))))
+
+
 def _evidence(mentions: Sequence[Mention]) -> dict[str, MentionEvidence]:
     acc: dict[str, list[float]] = {}
     for m in mentions:
@@ -255,7 +270,7 @@ def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, dige
         np.zeros((0, STATIC_DIM), np.float16)
     return TargetEntry(target.id, digest, encoder.name, key, patterns, block, positives, tuple(variants),
                        vectors[n_rows + n_keep + n_related:].astype(np.float16), tuple(keep), tuple(related),
-                       vocabulary, static_rows)
+                       vocabulary, static_rows, tuple(sorted(content_words([target.name, *target.aliases]))))
 
 
 def _unnamed_variants(target: Target, patterns: TargetPatterns,
@@ -321,7 +336,7 @@ class TargetIndex:
         mentions = self.matcher.find(messages)
         windows = conversation_windows(messages)
         if self.config.gate:
-            windows = self._gated(windows, mentions)
+            windows = self._gated(messages, windows, mentions)
         phrases = [proper_phrases(w.text) for w in windows]
         who = asks_who([w.text for w in windows])
         return Prepared(messages, mentions, windows, phrases, who, (time.perf_counter() - started) * 1000)
@@ -380,14 +395,26 @@ class TargetIndex:
                    "learned": round((time.perf_counter() - started) * 1000, 3)}
         return Decision(bool(flagged), flagged, scores, stage, spans, timings)
 
-    def _gated(self, windows: list[Window], mentions: Sequence[Mention]) -> list[Window]:
+    def _gated(self, messages: Sequence[str], windows: list[Window], mentions: Sequence[Mention]) -> list[Window]:
         """The windows worth encoding (``classifiers.gate.EncoderGate``). A target named in the conversation
-        is decided by its name unless it has keep prompts (whose check needs the encoder)."""
-        named = {self.position[m.target_id] for m in mentions if m.kind != "partial" and m.target_id in self.position}
+        is decided by its name unless it has keep prompts (whose check needs the encoder).
+
+        A first name or surname shared by chance is no evidence: "Stephen" in "Stephen King" opens nothing for a
+        target called Stephen Hawking, and "King" there is not a mention of a target called Martin Luther King.
+        Words of a full name still count for targets whose *material* uses them ("Who is the daughter of Judy
+        Garland?" is about Liza Minnelli, whose facts name her mother)."""
+        full = [m for m in mentions if m.kind != "partial"]
+        named = {self.position[m.target_id] for m in full if m.target_id in self.position}
         decided = {t for t in named if not self.entries[t].keep_texts}
-        forced = [any(m.message == w.message and w.start <= m.start < w.end and self.position.get(m.target_id)
-                      not in decided for m in mentions) for w in windows]
-        keep = self.gate.select([w.text for w in windows], forced, decided)
+
+        def in_another_name(m: Mention) -> bool:
+            return m.kind == "partial" and any(f.message == m.message and f.start <= m.start and m.end <= f.end
+                                               and f.target_id != m.target_id for f in full)
+
+        forcing = [m for m in mentions if self.position.get(m.target_id) not in decided and not in_another_name(m)]
+        forced = [any(m.message == w.message and w.start <= m.start < w.end for m in forcing) for w in windows]
+        in_names = [_words_only_in_names(messages[w.message], w, full) for w in windows]
+        keep = self.gate.select([w.text for w in windows], forced, decided, in_names)
         return [w for w, k in zip(windows, keep, strict=True) if k]
 
     def _generic_best(self, vectors: np.ndarray, drop: int | None = None) -> np.ndarray:

@@ -183,6 +183,30 @@ def test_a_name_decides_without_the_encoder_unless_the_target_has_keep_prompts(i
     assert len(index.prepare("Where was Orla Vantremont born?").windows) == 1
 
 
+def test_a_name_shared_by_chance_opens_the_encoder_for_nobody_a_name_in_the_facts_does(index: TargetIndex):
+    """At scale, names share first names and surnames by chance; that is no evidence. A target whose facts name
+    someone is still reached through that name."""
+    namesake = Target(name="Bastien Morel", description="A fictitious sculptor of driftwood.",
+                      facts=["Bastien Morel carved driftwood animals in Brittany."])
+    same_surname = Target(name="Irina Korloff", description="A fictitious violinist.",
+                          facts=["Irina Korloff plays the viola in Riga."])
+    daughter = Target(name="Anouk Texier", description="A fictitious glassblower.",
+                      facts=["Anouk Texier is the daughter of Bastien Korloff."])
+    config = ClassifierConfig(static_gate=False)  # the word check alone decides
+    namesakes = build_index([BASTIEN, namesake, same_surname, ORLA], encoder=index.encoder, config=config)
+    assert namesakes.gate.postings["bastien"] and namesakes.gate.postings["korloff"]  # distinctive words
+    # "Bastien" and "Korloff" inside Bastien Korloff's name: nothing for his namesakes, no surname mention forced.
+    assert namesakes.prepare("Which magazine did Bastien Korloff edit for twenty years?").windows == []
+    assert namesakes.classify("Which magazine did Bastien Korloff edit for twenty years?").targets == [BASTIEN.id]
+    # The namesakes' own words, a first name on its own and a surname on its own still open the gate.
+    assert len(namesakes.prepare("Tell me about Bastien Korloff and the driftwood animals.").windows) == 1
+    assert len(namesakes.prepare("Which Bastien carved animals?").windows) == 1
+    assert len(namesakes.prepare("Was Korloff a composer or a violinist?").windows) == 1
+    # His daughter's facts name him: that window is hers to decide.
+    family = build_index([BASTIEN, daughter, ORLA], encoder=index.encoder, config=config)
+    assert len(family.prepare("Whose child is Bastien Korloff?").windows) == 1
+
+
 def test_static_gate_threshold_is_the_calibrated_quantile_of_unnamed_positives(index: TargetIndex):
     from classifiers.static import words
 
