@@ -378,6 +378,17 @@ def test_a_windows_embedding_does_not_depend_on_what_it_is_batched_with():
         assert np.array_equal(encoder.encode([text, *company])[0], alone)
 
 
+def test_windows_encoded_side_by_side_equal_windows_encoded_one_after_another():
+    from classifiers.encoder import OnnxMiniLM, load_encoder
+
+    if not isinstance(load_encoder(), OnnxMiniLM):
+        pytest.skip("the ONNX encoder is not available here")
+    texts = [f"Window {i}: the cartographer drew chart number {i} of the trench in {1950 + i}." for i in range(24)]
+    one_by_one = OnnxMiniLM(parallel=1, cache_size=0).encode(texts)
+    side_by_side = OnnxMiniLM(parallel=4, cache_size=0).encode(texts)
+    assert np.array_equal(side_by_side, one_by_one)
+
+
 # -- the command line -----------------------------------------------------------------------------------------------
 
 def test_classify_cli_on_a_tiny_file(tmp_path: Path):
