@@ -18,6 +18,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -98,15 +99,19 @@ def _token_weights(vocabulary: dict[str, int]) -> np.ndarray:
     return weights
 
 
-def distil_table(encode_ids: Callable[[np.ndarray], np.ndarray], vocabulary_size: int) -> np.ndarray:
+def distil_table(encode_ids: Callable[[np.ndarray], np.ndarray], vocabulary_size: int,
+                 parallel: int = 1) -> np.ndarray:
     """Each word piece encoded alone by the sentence encoder (``encode_ids`` maps (n, 3) id rows to (n, dim)
-    mean-pooled vectors), projected onto its top ``STATIC_DIM`` principal components."""
+    mean-pooled vectors), projected onto its top ``STATIC_DIM`` principal components. ``parallel`` batches run
+    at once (the encoder runs each single-threaded); the batches, and so the table, are the same either way."""
     log.info("distilling the static token table (once; ~16 s on two cores)")
-    rows = []
+    batches = []
     for start in range(0, vocabulary_size, _BATCH):
         ids = np.arange(start, min(vocabulary_size, start + _BATCH), dtype=np.int64)
         cls, sep = np.full_like(ids, 101), np.full_like(ids, 102)
-        rows.append(encode_ids(np.stack([cls, ids, sep], axis=1)))
+        batches.append(np.stack([cls, ids, sep], axis=1))
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        rows = list(pool.map(encode_ids, batches))
     full = np.concatenate(rows).astype(np.float32)
     centred = full - full.mean(axis=0)
     _, _, components = np.linalg.svd(centred[::4], full_matrices=False)
@@ -128,6 +133,7 @@ def load_static(encoder: Any) -> StaticEmbedder | None:
         return None
     vocabulary = tokenizer.get_vocab()
     tag = hashlib.sha1(f"{encoder.name}:{model_path()}:{len(vocabulary)}:{STATIC_DIM}".encode()).hexdigest()[:12]
-    table = cached_array(f"static-{tag}.npy", lambda: distil_table(encode_ids, len(vocabulary)))
+    table = cached_array(f"static-{tag}.npy",
+                         lambda: distil_table(encode_ids, len(vocabulary), getattr(encoder, "parallel", 1)))
     weights = _token_weights(vocabulary)
     return StaticEmbedder(tokenizer, table * weights[:, None], weights)
