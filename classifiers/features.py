@@ -101,11 +101,12 @@ class _Rows:
 
     def best(self, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per (window, target) the best similarity over the rows in ``mask`` (default: every valid row),
-        and per target whether it has any such row."""
-        mask = self.valid if mask is None else self.valid & mask
+        and per target whether it has any such row. Invalid rows are already ``-inf`` in ``sims``."""
+        has = self.valid.any(axis=1) if mask is None else (self.valid & mask).any(axis=1)
         if not self.sims.shape[2]:
-            return np.zeros(self.sims.shape[:2], np.float32), mask.any(axis=1)
-        return np.where(mask[None], self.sims, -np.inf).max(axis=2), mask.any(axis=1)
+            return np.zeros(self.sims.shape[:2], np.float32), has
+        sims = self.sims if mask is None else np.where(mask[None], self.sims, -np.inf)
+        return sims.max(axis=2), has
 
 
 def pair_features(window_vectors: np.ndarray, blocks: Sequence[ExemplarBlock], generic: np.ndarray,
