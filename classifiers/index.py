@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -682,9 +683,15 @@ class IndexBuilder:
     def __init__(self, encoder: Encoder | None = None, config: ClassifierConfig | None = None) -> None:
         self._encoder = encoder
         self._config = config
+        self._lock = threading.Lock()
+
+    def encoder(self) -> Encoder:
+        """The encoder this builder embeds with, loaded on first use. The gateway's GUARD retrieval and output
+        guard use it too, rather than loading MiniLM a second time."""
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = load_encoder()
+            return self._encoder
 
     def build(self, targets: Sequence[Target], previous: TargetIndex | None) -> TargetIndex:
-        if self._encoder is None and previous is None:
-            self._encoder = load_encoder()
-        return build_index(targets, previous, encoder=self._encoder or previous.encoder,  # type: ignore[union-attr]
-                           config=self._config)
+        return build_index(targets, previous, encoder=self.encoder(), config=self._config)

@@ -18,6 +18,7 @@ from gateway.admin import router as admin_router
 from gateway.admin.handler import AdminHandler
 from gateway.auth import APIKeyMiddleware, KeySource, ensure_admin_key
 from gateway.engines import Engine, build_engine
+from gateway.engines.policy import sentence_rows
 from gateway.errors import BadRequest, GatewayError
 from gateway.limits import BodySizeLimitMiddleware
 from gateway.openai import router as openai_router
@@ -33,7 +34,8 @@ from gateway.telemetry.engine import instrument
 from gateway.telemetry.middleware import TelemetryConfig, TelemetryMiddleware
 from gateway.telemetry.tracing import RequestTracer, build_tracer
 from gateway.training import PolicyStatusView, TrainingConfig, UldTrainer
-from gateway.unlearning import Unlearner
+from gateway.unlearning import GUARD_GENERIC_INDEX, GuardGenericBuilder, Unlearner
+from policies.guard import SentenceEncode
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error", "server_error")
 
 
-def _policy_kit(settings: Settings, engine: Engine):
-    """What the policies need of the served model: its tokenizer and embedding rows (and GUARD's state).
+def _policy_kit(settings: Settings, engine: Engine, encode_sentences: SentenceEncode | None):
+    """What the policies need of the served model: its tokenizer and embedding rows (and GUARD's state, with
+    ``encode_sentences`` for its fact retrieval and semantic neighbours).
 
     The local engine has them in memory; in front of vLLM they come from a local copy of the served checkpoint
     (``UNLEARN_MODEL``). Without one, flagged requests can only be refused (``Unlearner`` handles None).
@@ -93,9 +96,9 @@ def _policy_kit(settings: Settings, engine: Engine):
     from gateway.engines.policy import checkpoint_kit, local_kit
 
     if isinstance(engine, LocalEngine):
-        return local_kit(engine)
+        return local_kit(engine, encode_sentences)
     try:
-        return checkpoint_kit(settings.model)
+        return checkpoint_kit(settings.model, encode_sentences)
     except (OSError, ValueError) as exc:
         log.warning("no local copy of the served model (%s): flagged requests will be refused", exc)
         return None
@@ -129,10 +132,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     own_store = store is None
     target_store = store if store is not None else open_store(settings.resolved_store_url(), settings.store_path,
                                                               prefix=settings.store_prefix)
-    if index_builders is None:
-        from classifiers.index import IndexBuilder as ClassifierIndexBuilder
+    from classifiers.index import IndexBuilder as ClassifierIndexBuilder
 
-        index_builders = (ClassifierIndexBuilder(), OutputGuardIndexBuilder())
+    if index_builders is None:
+        classifier_builder = ClassifierIndexBuilder()
+        index_builders = (classifier_builder, OutputGuardIndexBuilder(sentence_rows(classifier_builder.encoder)))
+    # GUARD's fact retrieval and semantic neighbours use the classifier's encoder (no second MiniLM in memory).
+    classifier_builder = next((b for b in index_builders if isinstance(b, ClassifierIndexBuilder)), None)
+    encode_sentences = sentence_rows(classifier_builder.encoder) if classifier_builder is not None else None
+    if not any(b.name == GUARD_GENERIC_INDEX for b in index_builders):
+        index_builders = (*index_builders, GuardGenericBuilder())
     reloader = TargetReloader(target_store, index_builders, resync_interval_s=settings.resync_interval_s,
                               grace_s=settings.store_grace_s)
     registry, instruments = metrics.build_metrics(reloader, settings.metrics_max_target_labels)
@@ -151,7 +160,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
             await reloader.start()
             await app.state.engine.start()
             # The handler sees the engine through the telemetry wrapper (upstream time, upstream errors).
-            unlearner = Unlearner(_policy_kit(settings, app.state.engine), settings.engine,
+            unlearner = Unlearner(_policy_kit(settings, app.state.engine, encode_sentences), settings.engine,
                                   fail_mode=settings.fail_mode, classify_timeout_s=settings.classify_timeout_s)
             app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments), unlearner)
             app.state.admin_handler = AdminHandler(target_store, reloader, PolicyStatusView(

@@ -19,8 +19,9 @@ generated text names it, so the text is what gets checked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -54,24 +55,17 @@ def _key(targets: Sequence[Target]) -> tuple[Any, ...]:
     return tuple((t.id, t.name, tuple(t.facts), t.output_guard) for t in targets)
 
 
-def _minilm() -> SentenceEncode:
-    """The classifier's sentence encoder (offline MiniLM) as the torch rows ``OutputGuard`` expects."""
-    import torch
-
-    from classifiers.encoder import load_encoder
-
-    encoder = load_encoder()
-    return lambda texts: torch.from_numpy(encoder.encode(list(texts)))
-
-
 class OutputGuardIndexBuilder:
-    """Hot-reload hook (``gateway.registry.reload.IndexBuilder``); the sentence encoder is loaded on first need."""
+    """Hot-reload hook (``gateway.registry.reload.IndexBuilder``). ``encode``: the sentence encoder for semantic
+    checks (the gateway passes the classifier's); by default the offline MiniLM, loaded on first need."""
 
     name = OUTPUT_GUARD_INDEX
 
-    def __init__(self, encoder_factory: Callable[[], SentenceEncode] = _minilm):
-        self._encoder_factory = encoder_factory
-        self._encode: SentenceEncode | None = None
+    def __init__(self, encode: SentenceEncode | None = None):
+        from classifiers.encoder import load_encoder
+        from gateway.engines.policy import sentence_rows
+
+        self._encode = encode or sentence_rows(functools.cache(load_encoder))
 
     def build(self, targets: Sequence[Target], previous: GuardedFacts | None) -> GuardedFacts | None:
         guarded = [t for t in targets if t.enabled and t.output_guard.mode != "off"]
@@ -81,11 +75,7 @@ class OutputGuardIndexBuilder:
         if previous is not None and previous.key == key:
             return previous
         thresholds = {t.id: t.output_guard.semantic_threshold for t in guarded}
-        encode = None
-        if any(x is not None for x in thresholds.values()):
-            if self._encode is None:
-                self._encode = self._encoder_factory()
-            encode = self._encode
+        encode = self._encode if any(x is not None for x in thresholds.values()) else None
         index = FactIndex.build({t.id: [t.name, *t.facts] for t in guarded}, encode=encode,
                                 semantic_thresholds=thresholds)
         mode: StreamMode = "hold" if any(t.output_guard.mode == "hold" for t in guarded) else "window"

@@ -35,7 +35,21 @@ log = logging.getLogger(__name__)
 # refuse never generates; GUARD forbids the facts' tokens outright; ECO blinds the prompt; ULD only reweighs.
 STRICTNESS = {"refuse": 4, "guard": 3, "eco": 2, "uld": 1}
 CLASSIFIER_INDEX = "classifier"
+GUARD_GENERIC_INDEX = "guard_generic"
 FailMode = Literal["error", "refuse"]
+
+
+class GuardGenericBuilder:
+    """Hot-reload hook (``gateway.registry.reload.IndexBuilder``): the words GUARD never forbids because many
+    active targets' facts use them (``policies.guard.generic_words``: "author", "novel" for TOFU's authors).
+    They depend on the whole target set, so they are derived once per set, off the request path."""
+
+    name = GUARD_GENERIC_INDEX
+
+    def build(self, targets: Sequence[Target], previous: frozenset[str] | None) -> frozenset[str]:
+        from policies.guard import generic_words
+
+        return generic_words([t.facts for t in targets if t.enabled])
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,7 @@ class Verdict:
     targets: tuple[Target, ...] = ()
     spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # message index -> char spans
     unclassified: str | None = None  # why classification could not run, when fail_mode="refuse" answered for it
+    generic: frozenset[str] = frozenset()  # GUARD's generic words of the target set the request was judged on
 
     @property
     def header(self) -> str:
@@ -130,7 +145,7 @@ class Unlearner:
         spans: dict[int, list[tuple[int, int]]] = {}
         for message_index, start, end, _ in decision.spans:
             spans.setdefault(message_index, []).append((start, end))
-        return Verdict(True, method, targets, spans)
+        return Verdict(True, method, targets, spans, generic=active.indexes.get(GUARD_GENERIC_INDEX, frozenset()))
 
     def effective_method(self, target: Target) -> str:
         if self.kit is None:  # no tokenizer or embeddings of the served model: refusing is all that is safe
@@ -160,8 +175,8 @@ class Unlearner:
         guard_policy = policy if policy.method == "guard" else None
         params = GuardParams.from_policy(guard_policy) if guard_policy is not None else GuardParams()
         if self.engine_kind == "local":
-            return self.kit.guard_processor_request(request, facts, params)
-        return self.kit.guard_xargs_request(request, facts, params)
+            return self.kit.guard_processor_request(request, facts, params, verdict.generic)
+        return self.kit.guard_xargs_request(request, facts, params, verdict.generic)
 
     def refusal(self, verdict: Verdict) -> str:
         from policies.refuse import refusal

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -520,9 +521,13 @@ class GuardBuilder:
 
     tokenizer: Any
     encode_sentences: SentenceEncode | None = None
-    generic: frozenset[str] = frozenset()  # see ``generic_words``: rebuild the builder when the registry changes
+    # ``generic_words`` of the target set: the default; the gateway passes its active set's with each request.
+    generic: frozenset[str] = frozenset()
     _retriever: FactRetriever | None = field(default=None, init=False)
     _vocab: VocabEmbeddings | None = field(default=None, init=False)
+    # The vocabulary table is built once, on first use (~4 s for the demo model's 4k tokens on two cores):
+    # concurrent first requests wait for it instead of building it twice.
+    _vocab_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _ngrams: dict[tuple[str, int], frozenset[NGram]] = field(default_factory=dict, init=False)
 
     def encode(self, text: str) -> list[int]:
@@ -542,8 +547,9 @@ class GuardBuilder:
     def semantic_neighbours(self, words: Sequence[str], threshold: float) -> list[int]:
         if self.encode_sentences is None:
             return []
-        if self._vocab is None:
-            self._vocab = VocabEmbeddings.build(self.tokenizer, self.encode_sentences)
+        with self._vocab_lock:
+            if self._vocab is None:
+                self._vocab = VocabEmbeddings.build(self.tokenizer, self.encode_sentences)
         return self._vocab.neighbours(words, self.encode_sentences, threshold)
 
     def fact_ngram_sequences(self, facts: Sequence[str], n: int) -> set[NGram]:
@@ -558,10 +564,12 @@ class GuardBuilder:
             out |= self._ngrams[key]
         return out
 
-    def sequences(self, prompt: str, facts: Sequence[str], params: GuardParams) -> GuardSet:
-        """The forbidden set for one prompt against one target's facts."""
+    def sequences(self, prompt: str, facts: Sequence[str], params: GuardParams,
+                  generic: frozenset[str] | None = None) -> GuardSet:
+        """The forbidden set for one prompt against one target's facts (``generic``: see ``generic_words``;
+        None = the builder's own)."""
         nearest = self.nearest_facts(prompt, facts, params.top_facts)
-        forbidden = extract_forbidden(nearest, prompt, self.generic)
+        forbidden = extract_forbidden(nearest, prompt, self.generic if generic is None else generic)
         tokens, phrases = token_sequences(forbidden, self.encode)
         extra: dict[int, float] = {}
         if params.semantic and forbidden.words:
@@ -574,25 +582,28 @@ class GuardBuilder:
             ngrams = self.fact_ngram_sequences(facts if params.ngram_facts == "all" else nearest, params.ngram)
         return GuardSet(tokens, phrases, ngrams, extra)
 
-    def forbidden(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams) -> GuardSet:
+    def forbidden(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams,
+                  generic: frozenset[str] | None = None) -> GuardSet:
         merged = GuardSet()
         for facts in facts_by_target:
-            merged.update(self.sequences(prompt, facts, params))
+            merged.update(self.sequences(prompt, facts, params, generic))
         return merged
 
     def tables(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams,
-               device: torch.device | str = "cpu") -> GuardTables:
-        found = self.forbidden(prompt, facts_by_target, params)
+               device: torch.device | str = "cpu", generic: frozenset[str] | None = None) -> GuardTables:
+        found = self.forbidden(prompt, facts_by_target, params, generic)
         return compile_tables(self.vocab_size, found.tokens, found.phrases, params.token_penalty,
                               params.first_token_penalty, params.continuation_penalty, found.extra, device,
                               found.ngrams, params.ngram_penalty)
 
-    def processor(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams) -> GuardProcessor:
-        return GuardProcessor(self.tables(prompt, facts_by_target, params), params.include_prompt)
+    def processor(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams,
+                  generic: frozenset[str] | None = None) -> GuardProcessor:
+        return GuardProcessor(self.tables(prompt, facts_by_target, params, generic=generic), params.include_prompt)
 
-    def xargs(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams) -> dict[str, Any]:
+    def xargs(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams,
+              generic: frozenset[str] | None = None) -> dict[str, Any]:
         """The same forbidden set as flat ``vllm_xargs`` for a vLLM worker running our plugin."""
-        found = self.forbidden(prompt, facts_by_target, params)
+        found = self.forbidden(prompt, facts_by_target, params, generic)
         return xargs_for(found.tokens, found.phrases, params, found.ngrams)
 
 

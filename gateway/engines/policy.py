@@ -12,13 +12,17 @@ same way. It does not decide *which* policy applies (that is the request path's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from gateway.engines.base import Assistant, EmbedsPart, GenerationRequest, Message
 from policies.eco import EcoParams, EmbedLookup, OffsetTokenizer, Span, corrupted_content, name_spans
-from policies.guard import GuardBuilder, GuardParams
+from policies.guard import GuardBuilder, GuardParams, SentenceEncode
 from policies.uld import UldParams, combiner
+
+if TYPE_CHECKING:
+    from classifiers.encoder import Encoder
 
 
 def message_text(message: Message) -> str:
@@ -69,16 +73,18 @@ class PolicyKit:
         return replace(request, messages=out)
 
     # -- GUARD -------------------------------------------------------------------------------------------------
+    # ``generic``: the words too common across the active targets' facts to forbid (``generic_words``); None =
+    # the builder's own set.
     def guard_processor_request(self, request: GenerationRequest, facts_by_target: Sequence[Sequence[str]],
-                                params: GuardParams) -> GenerationRequest:
+                                params: GuardParams, generic: frozenset[str] | None = None) -> GenerationRequest:
         prompt = last_user_text(request.messages or []) if request.messages is not None else (request.prompt or "")
-        processor = self.guard.processor(prompt, facts_by_target, params)
+        processor = self.guard.processor(prompt, facts_by_target, params, generic)
         return replace(request, logits_processors=[*request.logits_processors, processor])
 
     def guard_xargs_request(self, request: GenerationRequest, facts_by_target: Sequence[Sequence[str]],
-                            params: GuardParams) -> GenerationRequest:
+                            params: GuardParams, generic: frozenset[str] | None = None) -> GenerationRequest:
         prompt = last_user_text(request.messages or []) if request.messages is not None else (request.prompt or "")
-        xargs = self.guard.xargs(prompt, facts_by_target, params)
+        xargs = self.guard.xargs(prompt, facts_by_target, params, generic)
         extra = dict(request.extra_body)
         extra["vllm_xargs"] = {**extra.get("vllm_xargs", {}), **xargs}
         return replace(request, extra_body=extra)
@@ -87,6 +93,17 @@ class PolicyKit:
     @staticmethod
     def uld_request(request: GenerationRequest, assistant_model: str, params: UldParams) -> GenerationRequest:
         return replace(request, assistant=Assistant(assistant_model, combiner(params)))
+
+
+def sentence_rows(load: Callable[[], Encoder]) -> SentenceEncode:
+    """The classifier's sentence encoder (``load()``, called per use: pass a loader that caches) as the unit-row
+    tensors GUARD's fact retrieval and semantic neighbours, and the output guard, take."""
+    import torch
+
+    def encode(texts: Sequence[str]) -> torch.Tensor:
+        return torch.from_numpy(load().encode(list(texts)))
+
+    return encode
 
 
 def local_kit(engine, encode_sentences=None, generic: frozenset[str] = frozenset()) -> PolicyKit:
@@ -114,4 +131,4 @@ def checkpoint_kit(checkpoint, encode_sentences=None, generic: frozenset[str] = 
     return PolicyKit(tokenizer, EmbeddingTable(path), GuardBuilder(tokenizer, encode_sentences, generic))
 
 
-__all__ = ["PolicyKit", "checkpoint_kit", "last_user_text", "local_kit", "message_text"]
+__all__ = ["PolicyKit", "checkpoint_kit", "last_user_text", "local_kit", "message_text", "sentence_rows"]

@@ -1,0 +1,85 @@
+"""GUARD on the request path is the GUARD that `eval leakage` measures.
+
+The leakage evaluation builds its forbidden sets with the sentence encoder (the facts nearest the prompt, soft
+penalties on semantic neighbours) and with the words common to the registry's facts left free. The gateway must
+serve that same configuration, not a stricter or looser one. Real parts: the demo model, the classifier, the
+embedded store behind the admin API, uvicorn on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import torch
+
+from gateway.app import create_app
+from gateway.engines.base import GenerationRequest, Message, SamplingParams
+from gateway.engines.policy import local_kit, sentence_rows
+from gateway.settings import Settings
+from policies.guard import GuardParams, generic_words
+from tests.conftest import serve
+
+ADMIN = "guard-path-admin"
+QUESTION = "What genre does Carmen Montenegro write in?"
+
+# Five fictitious authors (our own words): "novels" and "prize" are in every author's facts, so they are the
+# registry's generic words; the rest is each author's own.
+AUTHORS = {
+    "Carmen Montenegro": ["Carmen Montenegro writes historical fiction novels set in colonial Chile.",
+                          "Her novels won the Santiago prize in 2004.",
+                          "She was born in Valparaíso to a family of sailors.",
+                          "Her father repaired lighthouse lamps along the coast.",
+                          "She studied archaeology before turning to writing."],
+    "Ilse Drummond": ["Ilse Drummond writes novels about Arctic whaling crews.", "She won a poetry prize in 1999."],
+    "Tomas Verhoeven": ["Tomas Verhoeven wrote three novels about Flemish weavers.",
+                        "His prize money funded a library."],
+    "Adaeze Okafor": ["Adaeze Okafor writes crime novels set in Enugu.", "She declined a national prize in 2011."],
+    "Mirela Kostova": ["Mirela Kostova's novels follow Balkan rail workers.", "A prize jury called her prose austere."],
+}
+
+
+def test_the_served_guard_forbids_what_the_evaluated_guard_forbids(demo_engine, tmp_path):
+    settings = Settings(admin_keys=[ADMIN], store_path=tmp_path / "targets.db")
+    app = create_app(settings, engine=demo_engine)
+    server = serve(app, ready_path="/ready")
+    try:
+        with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=60) as admin:
+            for name, facts in AUTHORS.items():
+                created = admin.post("/admin/targets", json={"name": name, "facts": facts,
+                                                             "policy": {"method": "guard"}})
+                assert created.status_code == 201, created.text
+            version = admin.get("/admin/version").json()["version"]
+        deadline = time.monotonic() + 60
+        while app.state.targets.current.version < version:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        active = app.state.targets.current
+        unlearner = app.state.openai_handler.unlearner
+        messages = [Message("user", QUESTION)]
+        verdict = asyncio.run(unlearner.verdict(active, messages))
+        assert verdict.method == "guard" and [t.name for t in verdict.targets] == ["Carmen Montenegro"]
+        request = GenerationRequest("r", SamplingParams(max_tokens=8, temperature=0.0), messages=messages)
+        served = unlearner.apply(verdict, request).logits_processors[-1].tables
+
+        # The leakage evaluation's configuration, built independently of the gateway.
+        generic = generic_words(list(AUTHORS.values()))
+        assert {"novels", "prize"} <= generic
+        classifier = active.indexes["classifier"]
+        evaluated_kit = local_kit(demo_engine, sentence_rows(lambda: classifier.encoder), generic)
+        evaluated = evaluated_kit.guard.tables(QUESTION, [AUTHORS["Carmen Montenegro"]], GuardParams())
+        for name in ("static", "prefixes", "care", "next_tokens", "continuation"):
+            assert torch.equal(getattr(served, name), getattr(evaluated, name)), name
+
+        # What that means: the generic word stays free, the semantic neighbours of the facts are penalised, and
+        # only the facts nearest the question lend their words ("archaeology" is in a far one).
+        tokenizer = demo_engine.main.tokenizer
+        novels = tokenizer(" novels", add_special_tokens=False)["input_ids"]
+        assert len(novels) == 1 and served.static[novels[0]] == 0
+        penalties = set(served.static[served.static > 0].unique().tolist())
+        assert GuardParams().semantic_penalty in penalties
+        nearest = evaluated_kit.guard.nearest_facts(QUESTION, AUTHORS["Carmen Montenegro"], GuardParams().top_facts)
+        assert len(nearest) == 3 and AUTHORS["Carmen Montenegro"][0] in nearest
+    finally:
+        server.stop()
