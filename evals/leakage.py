@@ -243,7 +243,7 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
     # The gateway's sentence encoder (the classifier's), so GUARD retrieves facts here as it does when serving.
     encoder = load_encoder()
     encode = sentence_rows(lambda: encoder)
-    kit = local_kit(full, encode, generic_words([t.facts for t in suite.targets]))
+    kit = local_kit(full, lambda: encoder, generic_words([t.facts for t in suite.targets]))
     assistant = _ensure_assistant(config, suite, progress) if "uld" in config.arms else ""
     arms = Arms(kit, assistant)
     n = config.max_new_tokens

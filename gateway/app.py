@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +36,9 @@ from gateway.telemetry.middleware import TelemetryConfig, TelemetryMiddleware
 from gateway.telemetry.tracing import RequestTracer, build_tracer
 from gateway.training import PolicyStatusView, TrainingConfig, UldTrainer
 from gateway.unlearning import GUARD_GENERIC_INDEX, GuardGenericBuilder, Unlearner
-from policies.guard import SentenceEncode
+
+if TYPE_CHECKING:
+    from classifiers.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +88,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal error", "server_error")
 
 
-def _policy_kit(settings: Settings, engine: Engine, encode_sentences: SentenceEncode | None):
+def _policy_kit(settings: Settings, engine: Engine, encoder: Callable[[], Encoder] | None):
     """What the policies need of the served model: its tokenizer and embedding rows (and GUARD's state, with
-    ``encode_sentences`` for its fact retrieval and semantic neighbours).
+    ``encoder``, the classifier's, for its fact retrieval and semantic neighbours).
 
     The local engine has them in memory; in front of vLLM they come from a local copy of the served checkpoint
     (``UNLEARN_MODEL``). Without one, flagged requests can only be refused (``Unlearner`` handles None).
@@ -96,12 +99,20 @@ def _policy_kit(settings: Settings, engine: Engine, encode_sentences: SentenceEn
     from gateway.engines.policy import checkpoint_kit, local_kit
 
     if isinstance(engine, LocalEngine):
-        return local_kit(engine, encode_sentences)
+        return local_kit(engine, encoder)
     try:
-        return checkpoint_kit(settings.model, encode_sentences)
+        return checkpoint_kit(settings.model, encoder)
     except (OSError, ValueError) as exc:
         log.warning("no local copy of the served model (%s): flagged requests will be refused", exc)
         return None
+
+
+def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:
+    def done(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("%s could not be prepared: %s", what, future.exception())
+
+    return done
 
 
 def _uld_trainer(settings: Settings, store: TargetStore, reloader: TargetReloader) -> UldTrainer | None:
@@ -139,7 +150,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
         index_builders = (classifier_builder, OutputGuardIndexBuilder(sentence_rows(classifier_builder.encoder)))
     # GUARD's fact retrieval and semantic neighbours use the classifier's encoder (no second MiniLM in memory).
     classifier_builder = next((b for b in index_builders if isinstance(b, ClassifierIndexBuilder)), None)
-    encode_sentences = sentence_rows(classifier_builder.encoder) if classifier_builder is not None else None
+    encoder = classifier_builder.encoder if classifier_builder is not None else None
     if not any(b.name == GUARD_GENERIC_INDEX for b in index_builders):
         index_builders = (*index_builders, GuardGenericBuilder())
     reloader = TargetReloader(target_store, index_builders, resync_interval_s=settings.resync_interval_s,
@@ -160,8 +171,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
             await reloader.start()
             await app.state.engine.start()
             # The handler sees the engine through the telemetry wrapper (upstream time, upstream errors).
-            unlearner = Unlearner(_policy_kit(settings, app.state.engine, encode_sentences), settings.engine,
+            kit = _policy_kit(settings, app.state.engine, encoder)
+            unlearner = Unlearner(kit, settings.engine,
                                   fail_mode=settings.fail_mode, classify_timeout_s=settings.classify_timeout_s)
+            if kit is not None:  # GUARD's vocabulary table off the request path (the first GUARD request waits)
+                warming = asyncio.get_running_loop().run_in_executor(None, kit.guard.warm)
+                warming.add_done_callback(_log_failure("GUARD vocabulary table"))
             app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments), unlearner)
             app.state.admin_handler = AdminHandler(target_store, reloader, PolicyStatusView(
                 target_store, settings.model, settings.trains_uld()))

@@ -459,14 +459,20 @@ class VocabEmbeddings:
     token_ids: torch.Tensor  # [M]
     matrix: torch.Tensor  # [M, dim]
 
-    @classmethod
-    def build(cls, tokenizer, encode: SentenceEncode, batch: int = 512) -> VocabEmbeddings:
+    @staticmethod
+    def words(tokenizer) -> tuple[list[int], list[str]]:
+        """The word-like tokens (alphabetic, >= 3 characters) and their texts: what the table embeds."""
         ids, texts = [], []
         for token_id in range(len(tokenizer)):
             text = tokenizer.decode([token_id]).strip()
             if len(text) >= 3 and text.isalpha():
                 ids.append(token_id)
                 texts.append(text)
+        return ids, texts
+
+    @classmethod
+    def build(cls, tokenizer, encode: SentenceEncode, batch: int = 512) -> VocabEmbeddings:
+        ids, texts = cls.words(tokenizer)
         rows = [encode(texts[i:i + batch]) for i in range(0, len(texts), batch)]
         matrix = torch.cat(rows) if rows else torch.zeros((0, 1))
         return cls(torch.tensor(ids, dtype=torch.long), matrix)
@@ -505,9 +511,11 @@ class GuardBuilder:
     encode_sentences: SentenceEncode | None = None
     # ``generic_words`` of the target set: the default; the gateway passes its active set's with each request.
     generic: frozenset[str] = frozenset()
+    # Where the semantic-neighbour table comes from (the gateway's: a disk cache); None = built here.
+    vocabulary: Callable[[], VocabEmbeddings] | None = None
     _retriever: FactRetriever | None = field(default=None, init=False)
     _vocab: VocabEmbeddings | None = field(default=None, init=False)
-    # The vocabulary table is built once, on first use (~4 s for the demo model's 4k tokens on two cores):
+    # The vocabulary table is made once (``warm``; ~1.5-4 s to embed the demo model's 4k tokens on two cores):
     # concurrent first requests wait for it instead of building it twice.
     _vocab_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _ngrams: dict[tuple[str, int], frozenset[NGram]] = field(default_factory=dict, init=False)
@@ -526,12 +534,20 @@ class GuardBuilder:
             self._retriever = FactRetriever(self.encode_sentences)
         return self._retriever.nearest(prompt, facts, k)
 
+    def warm(self) -> None:
+        """Prepare the semantic-neighbour table now rather than on the first GUARD request."""
+        if self.encode_sentences is None:
+            return
+        with self._vocab_lock:
+            if self._vocab is None:
+                self._vocab = self.vocabulary() if self.vocabulary is not None else \
+                    VocabEmbeddings.build(self.tokenizer, self.encode_sentences)
+
     def semantic_neighbours(self, words: Sequence[str], threshold: float) -> list[int]:
         if self.encode_sentences is None:
             return []
-        with self._vocab_lock:
-            if self._vocab is None:
-                self._vocab = VocabEmbeddings.build(self.tokenizer, self.encode_sentences)
+        self.warm()
+        assert self._vocab is not None
         return self._vocab.neighbours(words, self.encode_sentences, threshold)
 
     def fact_ngram_sequences(self, facts: Sequence[str], n: int) -> set[NGram]:

@@ -16,7 +16,7 @@ import torch
 
 from gateway.app import create_app
 from gateway.engines.base import GenerationRequest, Message, SamplingParams
-from gateway.engines.policy import local_kit, sentence_rows
+from gateway.engines.policy import local_kit
 from gateway.settings import Settings
 from policies.guard import GuardParams, generic_words
 from tests.conftest import serve
@@ -67,7 +67,7 @@ def test_the_served_guard_forbids_what_the_evaluated_guard_forbids(demo_engine, 
         generic = generic_words(list(AUTHORS.values()))
         assert {"novels", "prize"} <= generic
         classifier = active.indexes["classifier"]
-        evaluated_kit = local_kit(demo_engine, sentence_rows(lambda: classifier.encoder), generic)
+        evaluated_kit = local_kit(demo_engine, lambda: classifier.encoder, generic)
         evaluated = evaluated_kit.guard.tables(QUESTION, [AUTHORS["Carmen Montenegro"]], GuardParams())
         for name in ("static", "prefixes", "care", "next_tokens", "continuation"):
             assert torch.equal(getattr(served, name), getattr(evaluated, name)), name

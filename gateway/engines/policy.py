@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from gateway.engines.base import Assistant, EmbedsPart, GenerationRequest, Message
 from policies.eco import EcoParams, EmbedLookup, OffsetTokenizer, Span, corrupted_content, name_spans
-from policies.guard import GuardBuilder, GuardParams, SentenceEncode
+from policies.guard import GuardBuilder, GuardParams, SentenceEncode, VocabEmbeddings
 from policies.uld import UldParams, combiner
 
 if TYPE_CHECKING:
@@ -106,7 +106,29 @@ def sentence_rows(load: Callable[[], Encoder]) -> SentenceEncode:
     return encode
 
 
-def local_kit(engine, encode_sentences=None, generic: frozenset[str] = frozenset()) -> PolicyKit:
+def _guard_builder(tokenizer, encoder: Callable[[], Encoder] | None, generic: frozenset[str]) -> GuardBuilder:
+    """GUARD's state for one served model. ``encoder`` (a loader of the classifier's encoder) enables fact
+    retrieval and semantic neighbours; their vocabulary table is cached on disk per tokenizer and encoder, so
+    only a machine's first worker process embeds the vocabulary (a minute for a 150k-token one)."""
+    if encoder is None:
+        return GuardBuilder(tokenizer, None, generic)
+
+    def vocabulary() -> VocabEmbeddings:
+        import hashlib
+
+        import torch
+
+        from classifiers.encoder import cached_array
+
+        ids, texts = VocabEmbeddings.words(tokenizer)
+        key = hashlib.sha1("\n".join([encoder().name, *texts]).encode()).hexdigest()[:16]
+        matrix = cached_array(f"guard-vocab-{key}.npy", lambda: encoder().encode(texts))
+        return VocabEmbeddings(torch.tensor(ids, dtype=torch.long), torch.from_numpy(matrix))
+
+    return GuardBuilder(tokenizer, sentence_rows(encoder), generic, vocabulary)
+
+
+def local_kit(engine, encoder: Callable[[], Encoder] | None = None, generic: frozenset[str] = frozenset()) -> PolicyKit:
     """A ``PolicyKit`` over a ``LocalEngine``'s model (embedding rows straight from its embedding module)."""
     import torch
 
@@ -116,10 +138,11 @@ def local_kit(engine, encode_sentences=None, generic: frozenset[str] = frozenset
     def embed(ids: Sequence[int]) -> torch.Tensor:
         return weight.detach()[torch.tensor(list(ids), device=weight.device)].float().cpu()
 
-    return PolicyKit(model.tokenizer, embed, GuardBuilder(model.tokenizer, encode_sentences, generic))
+    return PolicyKit(model.tokenizer, embed, _guard_builder(model.tokenizer, encoder, generic))
 
 
-def checkpoint_kit(checkpoint, encode_sentences=None, generic: frozenset[str] = frozenset()) -> PolicyKit:
+def checkpoint_kit(checkpoint, encoder: Callable[[], Encoder] | None = None,
+                   generic: frozenset[str] = frozenset()) -> PolicyKit:
     """A ``PolicyKit`` from checkpoint files only (the gateway in front of vLLM holds no model)."""
     from transformers import AutoTokenizer
 
@@ -128,7 +151,7 @@ def checkpoint_kit(checkpoint, encode_sentences=None, generic: frozenset[str] = 
 
     path = resolve_model_path(str(checkpoint))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return PolicyKit(tokenizer, EmbeddingTable(path), GuardBuilder(tokenizer, encode_sentences, generic))
+    return PolicyKit(tokenizer, EmbeddingTable(path), _guard_builder(tokenizer, encoder, generic))
 
 
 __all__ = ["PolicyKit", "checkpoint_kit", "last_user_text", "local_kit", "message_text", "sentence_rows"]
