@@ -76,14 +76,26 @@ def cache_dir() -> Path:
 
 def cached_array(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """``cache_dir()/name`` (an ``.npy`` file) if present, else ``compute()`` saved there atomically: several
-    gateway workers may start at once, and none must read a half-written file."""
-    path = cache_dir() / name
-    if path.exists():
-        return np.load(path)
+    gateway workers may start at once, and none must read a half-written file.
+
+    A cache folder that cannot be written (the hardened container: read-only root file system, the folder baked
+    into the image and owned by root) only costs the computation: each process computes the array itself."""
+    try:
+        path: Path | None = cache_dir() / name
+        if path.exists():
+            return np.load(path)
+    except OSError as exc:
+        log.warning("cache folder unusable (%s): %s is computed in this process", exc, name)
+        path = None
     array = compute()
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    if path is not None:
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        try:
+            np.save(tmp, array)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write %s (%s): each process computes it again", path, exc)
+            tmp.unlink(missing_ok=True)
     return array
 
 

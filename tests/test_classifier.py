@@ -493,3 +493,37 @@ def test_tofu_evaluation_smoke(index: TargetIndex, tmp_path: Path):
     assert metrics["world_facts"]["fpr"] < 0.5
     md = write_report(tmp_path / "smoke.json", [report], {"tofu": histograms})
     assert md.exists() and (tmp_path / "smoke-tofu-splits.png").exists()
+
+
+@pytest.mark.parametrize("folder", ["/proc/self", "/proc/no-such-folder/cache"])
+def test_an_unwritable_cache_folder_costs_the_computation_not_the_answer(folder, monkeypatch):
+    """The hardened container bakes the cache folder into a read-only image; arrays first needed at run time
+    (generic negatives, GUARD's vocabulary table) must still be computed, in each process. /proc refuses writes
+    even to root: one folder exists, the other cannot be created."""
+    from classifiers.encoder import cached_array
+
+    monkeypatch.setenv("UNLEARN_CACHE_DIR", folder)
+    calls = []
+
+    def compute() -> np.ndarray:
+        calls.append(1)
+        return np.arange(3.0)
+
+    assert cached_array("unwritable-test.npy", compute).tolist() == [0.0, 1.0, 2.0]
+    assert cached_array("unwritable-test.npy", compute).tolist() == [0.0, 1.0, 2.0]
+    assert len(calls) == 2  # nothing was stored, nothing half-written was read
+
+
+def test_a_writable_cache_folder_computes_once(tmp_path, monkeypatch):
+    from classifiers.encoder import cached_array
+
+    monkeypatch.setenv("UNLEARN_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def compute() -> np.ndarray:
+        calls.append(1)
+        return np.ones(2)
+
+    cached_array("once.npy", compute)
+    assert cached_array("once.npy", compute).tolist() == [1.0, 1.0] and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["once.npy"]
