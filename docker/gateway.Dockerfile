@@ -20,11 +20,13 @@ COPY evals ./evals
 # `otel`: tracing stays off until UNLEARN_OTEL_ENDPOINT is set, but needs no install step then.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[otel]"
-# Export the packaged MiniLM encoder to (int8) ONNX and distil its static token table (the encoder gate) now,
-# into a folder the image ships, and prove that both the encoder and the demo model load with the hub switched off.
+# Export the packaged MiniLM encoder to (int8) ONNX, distil its static token table (the encoder gate) and embed the
+# generic negatives (every classifier build needs them) now, into a folder the image ships: at run time that folder
+# is read-only, so whatever is not baked is recomputed by every process. Then prove that both the encoder and the
+# demo model load with the hub switched off.
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNLEARN_CACHE_DIR=/opt/unlearn/cache
 WORKDIR /
-RUN python -c "from classifiers.encoder import load_encoder; e = load_encoder(); print(e.encode(['warm up']).shape, e.static_embedder() is not None)" \
+RUN python -c "from classifiers.encoder import load_encoder; from classifiers.index import build_index; e = load_encoder(); print(e.encode(['warm up']).shape, e.static_embedder() is not None, build_index([], encoder=e).generic_vectors.shape)" \
  && python -c "from models import resolve_model_path; print(resolve_model_path('demo'))"
 
 FROM python:3.11.11-slim-bookworm AS runtime

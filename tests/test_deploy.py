@@ -382,6 +382,8 @@ def baked_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(folder.glob("*.onnx")), "the build step exported no ONNX encoder"
+    assert any(folder.glob("static-*.npy")), "the build step distilled no static table"
+    assert any(folder.glob("generic-*.npy")), "the build step embedded no generic negatives"
     return folder
 
 
