@@ -45,6 +45,12 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls, path: str | None):
         super().__init__(settings_cls)
         self._data = read_config_file(path) if path else {}
+        # A misspelt key would otherwise be dropped without a word and its default served instead.
+        unknown = sorted(k for k in self._data if k not in settings_cls.model_fields)
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} (the settings are listed in the "
+                             "README, 'Configuration'; UNLEARN_CACHE_DIR and UNLEARN_CLASSIFIER_ENCODER are read "
+                             "from the environment only)")
 
     def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used instead
         return self._data.get(field_name), field_name, False

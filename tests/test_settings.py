@@ -60,3 +60,11 @@ def test_target_store_and_key_file_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("UNLEARN_RESYNC_INTERVAL_S", "0")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_a_misspelt_key_in_the_config_file_is_an_error_not_a_silent_default(tmp_path, monkeypatch):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("prot: 9000\nworkers: 2\n")
+    monkeypatch.setenv("UNLEARN_CONFIG", str(config))
+    with pytest.raises(ValueError, match="unknown setting.*prot"):
+        Settings()
