@@ -30,6 +30,7 @@ The same ``GuardTables``/``apply_guard`` run in the local engine (``GuardProcess
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 import threading
@@ -38,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["soft", "hard"]
 Encode = Callable[[str], list[int]]  # text -> token ids, no special tokens
@@ -518,6 +521,7 @@ class GuardBuilder:
     # The vocabulary table is made once (``warm``; ~1.5-4 s to embed the demo model's 4k tokens on two cores):
     # concurrent first requests wait for it instead of building it twice.
     _vocab_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _vocab_error: Exception | None = field(default=None, init=False, repr=False)
     _ngrams: dict[tuple[str, int], frozenset[NGram]] = field(default_factory=dict, init=False)
 
     def encode(self, text: str) -> list[int]:
@@ -544,9 +548,15 @@ class GuardBuilder:
                     VocabEmbeddings.build(self.tokenizer, self.encode_sentences)
 
     def semantic_neighbours(self, words: Sequence[str], threshold: float) -> list[int]:
-        if self.encode_sentences is None:
+        if self.encode_sentences is None or self._vocab_error is not None:
             return []
-        self.warm()
+        try:
+            self.warm()
+        except Exception as exc:  # noqa: BLE001 - the soft penalty is lost, never the hard bans: keep serving
+            self._vocab_error = exc
+            log.error("GUARD's semantic-neighbour table could not be made (%s): GUARD runs without its soft "
+                      "semantic penalties in this process", exc)
+            return []
         assert self._vocab is not None
         return self._vocab.neighbours(words, self.encode_sentences, threshold)
 

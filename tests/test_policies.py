@@ -162,6 +162,30 @@ def test_guard_builder_variants_cover_case_and_leading_space(tokenizer):
     assert out[builder.encode(" Carmen")[0]] == -math.inf  # the target's name does not, though the user said it
 
 
+def test_guard_without_its_semantic_table_still_bans_the_facts(tokenizer, caplog):
+    """A vocabulary table that cannot be made costs GUARD its soft semantic penalties, logged once; the request
+    is still served with every hard ban (a failure here must not turn flagged requests into server errors)."""
+    import torch
+
+    attempts = []
+
+    def broken_table():
+        attempts.append(1)
+        raise MemoryError("no room for the table")
+
+    def encode(texts):
+        return torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=1)
+
+    with_table = GuardBuilder(tokenizer, encode)
+    broken = GuardBuilder(tokenizer, encode, vocabulary=broken_table)
+    params = GuardParams(ngram=0)
+    for _ in range(2):
+        tables = broken.tables(QUESTION, [[FACT]], params)
+    expected = with_table.tables(QUESTION, [[FACT]], GuardParams(ngram=0, semantic=False))
+    assert torch.equal(tables.static, expected.static) and torch.isinf(tables.static).any()
+    assert len(attempts) == 1 and "semantic-neighbour table could not be made" in caplog.text
+
+
 def test_fact_ngrams_keep_the_verbatim_run_and_its_bare_words():
     grams = fact_ngrams(["Montenegro's work, which won."], 3)
     assert ("Montenegro's", "Montenegro's work,", "Montenegro's work, which") in grams
