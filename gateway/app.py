@@ -107,14 +107,6 @@ def _policy_kit(settings: Settings, engine: Engine, encoder: Callable[[], Encode
         return None
 
 
-def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:
-    def done(future: asyncio.Future[Any]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            log.error("%s could not be prepared: %s", what, future.exception())
-
-    return done
-
-
 def _uld_trainer(settings: Settings, store: TargetStore, reloader: TargetReloader) -> UldTrainer | None:
     """The background trainer of ULD assistants, when this gateway trains them (``gateway.training``)."""
     if not settings.trains_uld():
@@ -175,8 +167,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
             unlearner = Unlearner(kit, settings.engine,
                                   fail_mode=settings.fail_mode, classify_timeout_s=settings.classify_timeout_s)
             if kit is not None:  # GUARD's vocabulary table off the request path (the first GUARD request waits)
-                warming = asyncio.get_running_loop().run_in_executor(None, kit.guard.warm)
-                warming.add_done_callback(_log_failure("GUARD vocabulary table"))
+                asyncio.get_running_loop().run_in_executor(None, kit.guard.warm)
             app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments), unlearner)
             app.state.admin_handler = AdminHandler(target_store, reloader, PolicyStatusView(
                 target_store, settings.model, settings.trains_uld()))

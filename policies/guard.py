@@ -539,25 +539,26 @@ class GuardBuilder:
         return self._retriever.nearest(prompt, facts, k)
 
     def warm(self) -> None:
-        """Prepare the semantic-neighbour table now rather than on the first GUARD request."""
+        """Prepare the semantic-neighbour table now rather than on the first GUARD request. A table that cannot
+        be made is logged once and not retried: GUARD then serves without its soft semantic penalties, never
+        without its hard bans (a failure here must not turn flagged requests into server errors)."""
         if self.encode_sentences is None:
             return
         with self._vocab_lock:
-            if self._vocab is None:
+            if self._vocab is not None or self._vocab_error is not None:
+                return
+            try:
                 self._vocab = self.vocabulary() if self.vocabulary is not None else \
                     VocabEmbeddings.build(self.tokenizer, self.encode_sentences)
+            except Exception as exc:  # noqa: BLE001 - the soft penalty is lost, never the hard bans
+                self._vocab_error = exc
+                log.error("GUARD's semantic-neighbour table could not be made (%s): GUARD runs without its soft "
+                          "semantic penalties in this process", exc)
 
     def semantic_neighbours(self, words: Sequence[str], threshold: float) -> list[int]:
-        if self.encode_sentences is None or self._vocab_error is not None:
+        self.warm()
+        if self._vocab is None or self.encode_sentences is None:
             return []
-        try:
-            self.warm()
-        except Exception as exc:  # noqa: BLE001 - the soft penalty is lost, never the hard bans: keep serving
-            self._vocab_error = exc
-            log.error("GUARD's semantic-neighbour table could not be made (%s): GUARD runs without its soft "
-                      "semantic penalties in this process", exc)
-            return []
-        assert self._vocab is not None
         return self._vocab.neighbours(words, self.encode_sentences, threshold)
 
     def fact_ngram_sequences(self, facts: Sequence[str], n: int) -> set[NGram]:
