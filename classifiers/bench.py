@@ -33,7 +33,7 @@ import numpy as np
 from classifiers.batching import Classifier
 from classifiers.encoder import Encoder, load_encoder
 from classifiers.gate import content_words
-from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_index
+from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_index, name_words
 from classifiers.lexical import target_patterns
 from classifiers.semantic import KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT, ExemplarBlock
 from classifiers.static import STATIC_DIM, static_embedder
@@ -126,7 +126,7 @@ def _synthetic_entry_factory(encoder: Encoder, seed: int = 0) -> Callable[[Targe
             np.zeros((0, STATIC_DIM), np.float16)
         return TargetEntry(target.id, digest, encoder.name, key, target_patterns(target.name, target.aliases), block,
                            positives, variants, vectors(len(variants)), (), (), words, static_rows,
-                           tuple(sorted(content_words([target.name, *target.aliases]))))
+                           name_words(target))
 
     return factory
 

@@ -209,6 +209,11 @@ def _mask(text: str, mentions: Sequence[Mention], word: str) -> str:
     return "".join(out)
 
 
+def name_words(target: Target) -> tuple[str, ...]:
+    """``TargetEntry.name_words``: the content words of the target's own name and aliases."""
+    return tuple(sorted(content_words([target.name, *target.aliases])))
+
+
 def _words_only_in_names(content: str, window: Window, names: Sequence[Mention]) -> frozenset[str]:
     """Words of the window that it only uses inside the full names written in it."""
     inside = [(max(m.start, window.start), min(m.end, window.end)) for m in names
@@ -271,7 +276,7 @@ def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, dige
         np.zeros((0, STATIC_DIM), np.float16)
     return TargetEntry(target.id, digest, encoder.name, key, patterns, block, positives, tuple(variants),
                        vectors[n_rows + n_keep + n_related:].astype(np.float16), tuple(keep), tuple(related),
-                       vocabulary, static_rows, tuple(sorted(content_words([target.name, *target.aliases]))))
+                       vocabulary, static_rows, name_words(target))
 
 
 def _unnamed_variants(target: Target, patterns: TargetPatterns,

@@ -34,7 +34,7 @@ from evals.scoring import answer_nlls
 from evals.tofu import QA, TofuSuite, load_suite
 from gateway.engines.base import GenerationRequest, Message, SamplingParams
 from gateway.engines.local import LocalEngine
-from gateway.engines.policy import PolicyKit, local_kit, sentence_rows
+from gateway.engines.policy import PolicyKit, local_kit
 from gateway.registry.targets import EcoPolicy, GuardPolicy, Target, UldPolicy
 from gateway.reports import write_json_report
 from models.assistant import AssistantRecipe
@@ -242,8 +242,8 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
     full, retain_twin = LocalEngine("demo"), LocalEngine("demo-retain")
     # The gateway's sentence encoder (the classifier's), so GUARD retrieves facts here as it does when serving.
     encoder = load_encoder()
-    encode = sentence_rows(lambda: encoder)
     kit = local_kit(full, lambda: encoder, generic_words([t.facts for t in suite.targets]))
+    encode = kit.guard.encode_sentences
     assistant = _ensure_assistant(config, suite, progress) if "uld" in config.arms else ""
     arms = Arms(kit, assistant)
     n = config.max_new_tokens
