@@ -113,6 +113,23 @@ def test_lexical_other_scripts_and_partial_names():
     assert [(m.message, m.kind, m.target_id) for m in found] == [(0, "exact", MIREILLE.id), (1, "partial", BASTIEN.id)]
 
 
+def test_names_transliterated_into_cyrillic_match_by_sound_but_everyday_words_do_not():
+    from classifiers.lexical import sound_key
+
+    assert sound_key("harry") == sound_key("garri") == "hr"  # "Гарри" folds to "garri"
+    matcher = LexicalMatcher({"hp": target_patterns("Harry Potter", ["Hermione", "Slughorn"])})
+
+    def hits(text: str) -> list[tuple[str, str]]:
+        return [(m.kind, text[m.start:m.end]) for m in matcher.find([text])]
+
+    assert hits("Какое заклинание использовал Гарри Поттер?") == [("fuzzy", "Гарри Поттер")]
+    assert hits("Мальчик стоял между Роном и Гермионой.") == [("fuzzy", "Гермионой")]  # inflected
+    assert hits("Кого учил Слагхорна?") == [("fuzzy", "Слагхорна")]
+    assert hits("Перед ними стоял огромный замок.") == []  # "огромный" sounds like Hermione but is a word
+    assert hits("Гарри обернулся.") == []  # a first name alone is no full name, in any alphabet
+    assert hits("Garri Potter") == [("partial", "Potter")]  # Latin letters: by spelling, not by sound
+
+
 def test_windows_cover_long_text_and_isolate_questions():
     text = FILLER + "Which perfume did she make from edelweiss?"
     windows = conversation_windows([text])
