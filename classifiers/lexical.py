@@ -16,12 +16,12 @@ Why this design:
 - Besides full names, a target's distinctive surname is a *partial* mention: on its own it is only evidence
   (several targets can share "Perry"), which the learned stage weighs; a full name or alias flags.
 - A name written in another alphabet is spelt by ear, not letter by letter: "Гарри Поттер" folds to "garri
-  potter", two letters off "harry potter", and "Гермионой" (an inflected Hermione) to "germionoy". Words of
-  Cyrillic text are therefore also compared by their consonant skeleton (``sound_key``: letters that
-  transliterations swap, g/h, v/w, i/y, k/c/q, s/z, fall together; vowels and doubled letters drop), which both
-  forms share. A skeleton is short and so ambiguous: a name must give at least four consonants, every word of a
-  multi-word name must match, and a one-word match must not be an everyday word of the language ("огромный",
-  "huge", has Hermione's skeleton).
+  potter", two letters off "harry potter", "हैरी पॉटर" to "hairi potr", and "Гермионой" (an inflected
+  Hermione) to "germionoy". Words of Cyrillic and Devanagari text are therefore also compared by their
+  consonant skeleton (``sound_key``: letters that transliterations swap, g/h, v/w, i/y, k/c/q, s/z, fall
+  together; vowels and doubled letters drop), which both forms share. A skeleton is short and so ambiguous: a
+  name must give at least four consonants, every word of a multi-word name must match, and a one-word match
+  must not be an everyday word of the language ("огромный", "huge", has Hermione's skeleton).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from functools import lru_cache
 from typing import Literal
 
 import ahocorasick
+import regex
 from rapidfuzz.distance import OSA
 from wordfreq import zipf_frequency
 
@@ -50,9 +51,11 @@ EVERYDAY_ZIPF = 3.5  # the bar classifiers.aliases uses for "not an everyday wor
 _SUFFIXES = {"jr", "sr", "ii", "iii", "iv"}
 MIN_SOUND_CONSONANTS = 4  # a name's skeleton must be at least this long to be matched by sound
 # Scripts whose words are compared by sound, with the wordfreq languages that say what is an everyday word there.
-# Only Cyrillic so far: its letters map one to one onto sounds, and the Russian benchmark texts show what it does.
-# Greek, for one, writes "d" as "ντ" and "b" as "μπ" (Dumbledore is "Ντάμπλντορ"), which needs rules of its own.
-SOUND_SCRIPTS = {"CYRILLIC": ("ru", "uk", "bg", "mk")}
+# Cyrillic and Devanagari so far: their letters map onto sounds, and the benchmark's Russian and Hindi training
+# texts show what matching them does. Greek, for one, writes "d" as "ντ" and "b" as "μπ" (Dumbledore is
+# "Ντάμπλντορ"), which needs rules of its own.
+SOUND_SCRIPTS = {"CYRILLIC": ("ru", "uk", "bg", "mk"), "DEVANAGARI": ("hi",)}
+_LETTER_RUN = regex.compile(r"[\p{L}\p{M}\p{N}]+")  # a word with its vowel signs (Devanagari writes them as marks)
 _SOUND_DIGRAPHS = (("kh", "h"), ("ph", "f"), ("th", "t"), ("ck", "k"), ("sh", "s"), ("zh", "j"))
 _SOUND_CLASSES = str.maketrans({"g": "h", "w": "v", "y": "i", "j": "i", "q": "k", "c": "k", "x": "k", "z": "s"})
 
@@ -226,7 +229,7 @@ class LexicalMatcher:
             found += self._fuzzy(index, norm, found)
             found += self._middle_names(index, content, norm, found)
             if not content.isascii():
-                found += self._by_sound(index, content, norm, found)
+                found += self._by_sound(index, content, found)
             exact_ranges = [(m.target_id, m.start, m.end) for m in found if m.kind != "partial"]
             mentions += [m for m in found if m.kind != "partial" or not any(
                 t == m.target_id and s <= m.start and m.end <= e for t, s, e in exact_ranges)]
@@ -261,21 +264,24 @@ class LexicalMatcher:
                     out.append(Mention(index, s, e, target_id, "fuzzy", 0.9))
         return out
 
-    def _by_sound(self, index: int, content: str, norm: Normalized, found: list[Mention]) -> list[Mention]:
-        """Names written in another alphabet, matched by consonant skeleton (see the module docstring)."""
-        words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"[a-z0-9]+", norm.text)]
-        scripts = [_sound_script(content[norm.origin[start]]) for start, _, _ in words]
-        keys = [sound_key(word) if script else "" for (_, _, word), script in zip(words, scripts, strict=True)]
+    def _by_sound(self, index: int, content: str, found: list[Mention]) -> list[Mention]:
+        """Names written in another alphabet, matched by consonant skeleton (see the module docstring). Whole
+        words of the original text are folded here, because the matcher's own folding splits an abugida such as
+        Devanagari into one word per character."""
+        words = [(m.start(), m.end(), m.group()) for m in _LETTER_RUN.finditer(content)]
+        scripts = [_sound_script(word[0]) for _, _, word in words]
+        keys = [sound_key(normalize_pattern(word).replace(" ", "")) if script else ""
+                for (_, _, word), script in zip(words, scripts, strict=True)]
         taken = {(m.target_id, m.start) for m in found if m.kind != "partial"}
         out: list[Mention] = []
         for i, key in enumerate(keys):
             for length, sounds, target_id in self._sounds.get(key, ()) if key else ():
                 if " ".join(keys[i:i + length]) != sounds or "" in keys[i:i + length]:
                     continue
-                s, e = norm.span(words[i][0], words[i + length - 1][1])
+                s, e = words[i][0], words[i + length - 1][1]
                 if (target_id, s) in taken:
                     continue
-                if length == 1 and _everyday_in(content[s:e].lower(), scripts[i]):  # type: ignore[arg-type]
+                if length == 1 and _everyday_in(words[i][2].lower(), scripts[i]):  # type: ignore[arg-type]
                     continue
                 taken.add((target_id, s))
                 out.append(Mention(index, s, e, target_id, "fuzzy", 0.8))

@@ -113,7 +113,7 @@ def test_lexical_other_scripts_and_partial_names():
     assert [(m.message, m.kind, m.target_id) for m in found] == [(0, "exact", MIREILLE.id), (1, "partial", BASTIEN.id)]
 
 
-def test_names_transliterated_into_cyrillic_match_by_sound_but_everyday_words_do_not():
+def test_names_in_cyrillic_or_devanagari_match_by_sound_but_everyday_words_do_not():
     from classifiers.lexical import sound_key
 
     assert sound_key("harry") == sound_key("garri") == "hr"  # "Гарри" folds to "garri"
@@ -123,6 +123,7 @@ def test_names_transliterated_into_cyrillic_match_by_sound_but_everyday_words_do
         return [(m.kind, text[m.start:m.end]) for m in matcher.find([text])]
 
     assert hits("Какое заклинание использовал Гарри Поттер?") == [("fuzzy", "Гарри Поттер")]
+    assert hits("किस मंत्र का उपयोग हैरी पॉटर करते हैं?") == [("fuzzy", "हैरी पॉटर")]  # Devanagari, vowel signs kept
     assert hits("Мальчик стоял между Роном и Гермионой.") == [("fuzzy", "Гермионой")]  # inflected
     assert hits("Кого учил Слагхорна?") == [("fuzzy", "Слагхорна")]
     assert hits("Перед ними стоял огромный замок.") == []  # "огромный" sounds like Hermione but is a word
