@@ -18,8 +18,8 @@ Why this design:
 - A name written in another alphabet is spelt by ear, not letter by letter: "Гарри Поттер" folds to "garri
   potter", two letters off "harry potter", "हैरी पॉटर" to "hairi potr", and "Гермионой" (an inflected
   Hermione) to "germionoy". Words of Cyrillic and Devanagari text are therefore also compared by their
-  consonant skeleton (``sound_key``: letters that transliterations swap, g/h, v/w, i/y, k/c/q, s/z, fall
-  together; vowels and doubled letters drop), which both forms share. A skeleton is short and so ambiguous: a
+  consonant skeleton (``sound_key``: letters that transliterations swap, g/h, v/w, i/y, k/c/q, s/z, j/dzh,
+  fall together; vowels and doubled letters drop), which both forms share. A skeleton is short and so ambiguous: a
   name must give at least four consonants, every word of a multi-word name must match, and a one-word match
   must not be an everyday word of the language ("огромный", "huge", has Hermione's skeleton).
 """
@@ -56,8 +56,10 @@ MIN_SOUND_CONSONANTS = 4  # a name's skeleton must be at least this long to be m
 # "Ντάμπλντορ"), which needs rules of its own.
 SOUND_SCRIPTS = {"CYRILLIC": ("ru", "uk", "bg", "mk"), "DEVANAGARI": ("hi",)}
 _LETTER_RUN = regex.compile(r"[\p{L}\p{M}\p{N}]+")  # a word with its vowel signs (Devanagari writes them as marks)
-_SOUND_DIGRAPHS = (("kh", "h"), ("ph", "f"), ("th", "t"), ("ck", "k"), ("sh", "s"), ("zh", "j"))
-_SOUND_CLASSES = str.maketrans({"g": "h", "w": "v", "y": "i", "j": "i", "q": "k", "c": "k", "x": "k", "z": "s"})
+# English "j" is written "дж" (dzh) and "x" "кс" (ks); the Russian "й" folds to "y", a vowel here.
+_SOUND_DIGRAPHS = (("dzh", "j"), ("kh", "h"), ("ph", "f"), ("th", "t"), ("ck", "k"), ("sh", "s"), ("zh", "j"),
+                   ("x", "ks"))
+_SOUND_CLASSES = str.maketrans({"g": "h", "w": "v", "y": "i", "q": "k", "c": "k", "z": "s"})
 
 
 @dataclass(frozen=True, slots=True)
