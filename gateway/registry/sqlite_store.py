@@ -142,7 +142,10 @@ class SQLiteTargetStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._connect()
             try:
-                conn.execute("PRAGMA journal_mode = WAL")
+                # Switching the journal mode needs the database to itself and fails at once, without waiting,
+                # while another store writes; once a file is in WAL mode it stays so, so only switch when it is not.
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
                 found = conn.execute("PRAGMA user_version").fetchone()[0]
                 if found > SCHEMA_VERSION:
                     raise StoreUnavailable(f"{self.path} has schema {found}, newer than this gateway's "
