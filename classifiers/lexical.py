@@ -132,9 +132,12 @@ def target_patterns(name: str, aliases: Iterable[str]) -> TargetPatterns:
     return TargetPatterns(tuple(sorted(full)), tuple(sorted(partial)))
 
 
-def sound_key(word: str) -> str:
+def sound_key(word: str, w_vowel: bool = False) -> str:
     """The consonant skeleton of a folded word ("harry" and "garri" -> "hr"; "hogwarts" and "khogvarts" ->
-    "hvrts"): what a name keeps when it is transliterated into another alphabet and back."""
+    "hvrts"): what a name keeps when it is transliterated into another alphabet and back. ``w_vowel``: read an
+    English "w" as the vowel Russian often writes for it ("Walters" is "Уолтерс"), not as "в" ("Хогвартс")."""
+    if w_vowel:
+        word = word.replace("w", "u")
     for digraph, letter in _SOUND_DIGRAPHS:
         word = word.replace(digraph, letter)
     out: list[str] = []
@@ -191,9 +194,10 @@ class LexicalMatcher:
         for target_id, pats in patterns.items():
             for pattern in pats.full:
                 entries.setdefault(f" {pattern} ", []).append((target_id, "exact"))
-                keys = tuple(sound_key(token) for token in pattern.split())
-                if all(keys) and sum(map(len, keys)) >= MIN_SOUND_CONSONANTS:
-                    sounds.setdefault(keys[0], []).append((len(keys), " ".join(keys), target_id))
+                for w_vowel in (False, True) if "w" in pattern else (False,):
+                    keys = tuple(sound_key(token, w_vowel) for token in pattern.split())
+                    if all(keys) and sum(map(len, keys)) >= MIN_SOUND_CONSONANTS:
+                        sounds.setdefault(keys[0], []).append((len(keys), " ".join(keys), target_id))
                 tokens = tuple(pattern.split())
                 head = (tokens[0], tokens[1] if len(tokens) > 1 else "")
                 by_head.setdefault(head, []).append((tokens, target_id))

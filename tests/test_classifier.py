@@ -126,6 +126,8 @@ def test_names_in_cyrillic_or_devanagari_match_by_sound_but_everyday_words_do_no
     assert hits("किस मंत्र का उपयोग हैरी पॉटर करते हैं?") == [("fuzzy", "हैरी पॉटर")]  # Devanagari, vowel signs kept
     assert hits("Мальчик стоял между Роном и Гермионой.") == [("fuzzy", "Гермионой")]  # inflected
     assert hits("Кого учил Слагхорна?") == [("fuzzy", "Слагхорна")]
+    walters = LexicalMatcher({"bw": target_patterns("Barbara Walters", [])})  # English w as Russian "у"
+    assert [m.kind for m in walters.find(["Кого интервьюировала Барбара Уолтерс?"])] == ["fuzzy"]
     assert hits("Перед ними стоял огромный замок.") == []  # "огромный" sounds like Hermione but is a word
     assert hits("Гарри обернулся.") == []  # a first name alone is no full name, in any alphabet
     assert hits("Garri Potter") == [("partial", "Potter")]  # Latin letters: by spelling, not by sound
