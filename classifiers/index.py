@@ -325,7 +325,7 @@ class TargetIndex:
         self.encoder = encoder
         self.config = config
         self.generic_bank = generic  # every packaged prompt, reused by the next build
-        self.generic_texts, self.generic_vectors = generic  # those that name no active target
+        self.set_generic(*generic)  # build_index narrows them to the prompts that name no active target
         self.matcher = matcher
         self.semantic = semantic
         self.scorer: Scorer | None = None
@@ -423,10 +423,16 @@ class TargetIndex:
         keep = self.gate.select([w.text for w in windows], forced, decided, in_names)
         return [w for w, k in zip(windows, keep, strict=True) if k]
 
+    def set_generic(self, texts: list[str], vectors: np.ndarray) -> None:
+        """The generic negatives this index uses (those that name no active target)."""
+        self.generic_texts, self.generic_vectors = texts, vectors
+        # (dim, prompts), C-contiguous: see ``SemanticIndex`` on transposed views and one BLAS thread.
+        self._generic_columns = np.ascontiguousarray(vectors.T)
+
     def _generic_best(self, vectors: np.ndarray, drop: int | None = None) -> np.ndarray:
         if not len(self.generic_vectors) or not len(vectors):
             return np.zeros(len(vectors), np.float32)
-        sims = vectors @ self.generic_vectors.T
+        sims = vectors @ self._generic_columns
         if drop is not None:
             sims[:, drop] = -1.0
         return sims.max(axis=1)
@@ -670,8 +676,8 @@ def build_index(targets: Sequence[Target], previous: TargetIndex | None = None, 
     # Generic prompts that name an active target are not negatives for it: drop them.
     keep_generic = [i for i, text in enumerate(generic[0]) if not any(m.kind != "partial"
                                                                         for m in matcher.find([text]))]
-    index.generic_texts = [generic[0][i] for i in keep_generic]
-    index.generic_vectors = generic[1][keep_generic] if len(keep_generic) else np.zeros((0, encoder.dim), np.float32)
+    index.set_generic([generic[0][i] for i in keep_generic],
+                      generic[1][keep_generic] if len(keep_generic) else np.zeros((0, encoder.dim), np.float32))
     pairs, negatives = index.fit()
     index.stats = BuildStats(len(entries), semantic.rows, len(entries) - encoded, encoded, semantic.mode,
                              round(time.perf_counter() - started, 3), pairs, negatives,
