@@ -212,7 +212,13 @@ def extract_forbidden(facts: Iterable[str], prompt: str = "", generic: frozenset
     phrases: dict[str, None] = {}
     for fact in facts:
         entities = _entity_words(fact) - generic
-        for word in _words(fact):
+        fact_words = _words(fact)
+        # The parts of a hyphenated name are names too: forbidding "Yun-Hwa" as one word blocks the phrase, but
+        # lets the model write "Hwa" on its own.
+        parts = [part for word in fact_words if "-" in word and word.lower() in entities
+                 for part in word.split("-") if _content(part) and part.lower() not in generic]
+        entities |= {part.lower() for part in parts}
+        for word in [*fact_words, *parts]:
             lowered = word.lower()
             if _content(word) and lowered not in generic and (lowered not in said or lowered in entities):
                 words[word] = None

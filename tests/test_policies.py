@@ -146,6 +146,9 @@ def test_forbidden_words_skip_the_prompts_ordinary_words_and_generic_words_but_n
     facts = ["Readers love her. She lives in Santiago."]
     assert set(extract_forbidden(facts, said).words) == {"love", "lives", "Santiago"}
     assert "Carmen Montenegro" not in extract_forbidden([FACT], QUESTION, frozenset({"carmen", "montenegro"})).phrases
+    # The parts of a hyphenated name are forbidden on their own too, even when the prompt says the name.
+    hyphenated = extract_forbidden(["Hsiao Yun-Hwa studied civil engineering."], "Who is Hsiao Yun-Hwa?")
+    assert {"Yun-Hwa", "Yun", "Hwa"} <= set(hyphenated.words)
     groups = [[f"{name} writes in the genre of mystery."] for name in "abcdefgh"] + [[FACT]]
     assert "writes" in generic_words(groups) and "historical" not in generic_words(groups)
 
