@@ -281,8 +281,9 @@ class LexicalMatcher:
         taken = {(m.target_id, m.start) for m in found if m.kind != "partial"}
         out: list[Mention] = []
         for i, key in enumerate(keys):
-            for length, sounds, target_id in self._sounds.get(key, ()) if key else ():
-                if " ".join(keys[i:i + length]) != sounds or "" in keys[i:i + length]:
+            # No stored skeleton is empty, so a word outside the sound scripts ("") never starts or joins a match.
+            for length, sounds, target_id in self._sounds.get(key, ()):
+                if " ".join(keys[i:i + length]) != sounds:
                     continue
                 s, e = words[i][0], words[i + length - 1][1]
                 if (target_id, s) in taken:
