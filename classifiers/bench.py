@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from classifiers.batching import Classifier
+from classifiers.described import target_roles, work_titles
 from classifiers.encoder import Encoder, load_encoder
 from classifiers.gate import content_words
 from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_index, name_words
@@ -124,9 +125,11 @@ def _synthetic_entry_factory(encoder: Encoder, seed: int = 0) -> Callable[[Targe
         words = tuple(sorted(content_words(texts)))
         static_rows = static.embed(texts).astype(np.float16) if static is not None else \
             np.zeros((0, STATIC_DIM), np.float16)
-        return TargetEntry(target.id, digest, encoder.name, key, target_patterns(target.name, target.aliases), block,
+        patterns = target_patterns(target.name, target.aliases)
+        return TargetEntry(target.id, digest, encoder.name, key, patterns, block,
                            positives, variants, vectors(len(variants)), (), (), words, static_rows,
-                           name_words(target))
+                           name_words(target), work_titles([target.description, *target.facts], patterns.full),
+                           target_roles(target.description))
 
     return factory
 

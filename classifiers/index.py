@@ -8,7 +8,8 @@ nearest-row search, the learned scorer and its calibration) are rebuilt, and tho
 approximate search, updated in place on a copy.
 
 Decision cascade for each candidate target, in order (the first that fires names the ``stage``):
-1. lexical: the target's name or an alias is in the conversation (exactly or with a typo), unless the window
+1. lexical: the target's name or an alias is in the conversation (exactly or with a typo), or a description
+   of it by one of its works ("the actor known for 'Dirty Dancing'", ``classifiers.described``), unless the window
    most like one of the target's keep prompts is clearly closer to it than to the target's own knowledge;
 2. semantic: a window is a near-duplicate of one of the target's example prompts;
 3. learned: the calibrated pair score passes the target's conformal threshold.
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from classifiers.described import DescriptionMatcher, target_roles, work_titles
 from classifiers.encoder import Encoder, cached_array, load_encoder, model_path
 from classifiers.features import (
     FEATURES,
@@ -144,6 +146,8 @@ class TargetEntry:
     vocabulary: tuple[str, ...] = ()
     static_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, STATIC_DIM), np.float16))
     name_words: tuple[str, ...] = ()  # content words of the target's own name and aliases
+    works: tuple[str, ...] = ()  # titles its description and facts name (classifiers.described)
+    roles: tuple[str, ...] = ()  # the specific roles its description gives it
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ def _evidence(mentions: Sequence[Mention]) -> dict[str, MentionEvidence]:
         if m.kind == "exact":
             slot[0] = 1.0
             slot[1] = 1.0
-        elif m.kind == "fuzzy":
+        elif m.kind in ("fuzzy", "described"):
             slot[1] = max(slot[1], m.score)
         else:
             slot[2] = 1.0
@@ -276,7 +280,9 @@ def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, dige
         np.zeros((0, STATIC_DIM), np.float16)
     return TargetEntry(target.id, digest, encoder.name, key, patterns, block, positives, tuple(variants),
                        vectors[n_rows + n_keep + n_related:].astype(np.float16), tuple(keep), tuple(related),
-                       vocabulary, static_rows, name_words(target))
+                       vocabulary, static_rows, name_words(target),
+                       work_titles([target.description, *target.facts], patterns.full),
+                       target_roles(target.description))
 
 
 def _unnamed_variants(target: Target, patterns: TargetPatterns,
@@ -317,7 +323,7 @@ class TargetIndex:
 
     def __init__(self, entries: Sequence[TargetEntry], targets: Sequence[Target], encoder: Encoder,
                  config: ClassifierConfig, generic: tuple[list[str], np.ndarray],
-                 matcher: LexicalMatcher, semantic: SemanticIndex) -> None:
+                 matcher: LexicalMatcher, semantic: SemanticIndex, described: DescriptionMatcher | None = None) -> None:
         self.entries = list(entries)
         self.targets = list(targets)
         self.ids = [e.target_id for e in self.entries]
@@ -327,6 +333,7 @@ class TargetIndex:
         self.generic_bank = generic  # every packaged prompt, reused by the next build
         self.set_generic(*generic)  # build_index narrows them to the prompts that name no active target
         self.matcher = matcher
+        self.described = described or DescriptionMatcher({}, {})
         self.semantic = semantic
         self.scorer: Scorer | None = None
         self.calibration = Calibration(config.fpr, math.inf)
@@ -339,7 +346,7 @@ class TargetIndex:
     def prepare(self, conversation: Conversation) -> Prepared:
         started = time.perf_counter()
         messages = conversation_texts(conversation)
-        mentions = self.matcher.find(messages)
+        mentions = self.matcher.find(messages) + self.described.find(messages)
         windows = conversation_windows(messages)
         if self.config.gate:
             windows = self._gated(messages, windows, mentions)
@@ -670,7 +677,8 @@ def build_index(targets: Sequence[Target], previous: TargetIndex | None = None, 
         matcher = LexicalMatcher(patterns)
     semantic = SemanticIndex([e.block for e in entries], encoder.dim, config.ann_min_rows,
                              previous.semantic if previous is not None else None, [e.key for e in entries])
-    index = TargetIndex(entries, active, encoder, config, generic, matcher, semantic)
+    described = DescriptionMatcher({e.target_id: e.works for e in entries}, {e.target_id: e.roles for e in entries})
+    index = TargetIndex(entries, active, encoder, config, generic, matcher, semantic, described)
     index.vocabulary = _vocabulary(entries, previous)
     index.gate = _gate(index, config)
     # Generic prompts that name an active target are not negatives for it: drop them.

@@ -41,7 +41,7 @@ from wordfreq import zipf_frequency
 
 from classifiers.normalize import Normalized, normalize, normalize_pattern
 
-MentionKind = Literal["exact", "fuzzy", "partial"]
+MentionKind = Literal["exact", "fuzzy", "partial", "described"]  # described: classifiers.described
 MIN_FUZZY_TOKEN = 3
 MIN_PARTIAL_TOKEN = 4
 MIN_SUFFIX_STEM = 4

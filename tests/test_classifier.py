@@ -133,6 +133,29 @@ def test_names_in_cyrillic_or_devanagari_match_by_sound_but_everyday_words_do_no
     assert hits("Garri Potter") == [("partial", "Potter")]  # Latin letters: by spelling, not by sound
 
 
+def test_a_person_described_by_a_work_of_their_own_is_a_mention(index: TargetIndex):
+    """"the composer of The Silent Rook" stands for Bastien Korloff: his facts name the study and his description
+    makes him a composer. A role his description does not give, a plural, or a title that holds a role noun
+    describes someone else."""
+    question = "In which city did the composer of 'The Silent Rook' grow up?"
+    decision = index.classify(question)
+    assert decision.flagged and decision.targets == [index.targets[1].id] and decision.stage == "lexical"
+    assert [question[s:e] for _, s, e, _ in decision.spans] == ["the composer of 'The Silent Rook'"]
+
+    def described(text: str) -> list[tuple[str, str]]:
+        return [(m.target_id, text[m.start:m.end]) for m in index.described.find([text])]
+
+    bastien = index.targets[1].id
+    assert described("Which prize did the chess legend behind Echo Squares win?") == [
+        (bastien, "the chess legend behind Echo Squares")]
+    assert described("Who was the director of The Silent Rook?") == []  # not his role
+    assert described("Which composers of The Silent Rook are still alive?") == []
+    assert described("The Composer of The Silent Rook is a play.") == []  # a title, not a description
+    assert described("Who is the performer from Ghent?") == []  # one everyday-or-place word names nobody
+    assert described("Where did the performer from Kessary Trench go?") == [
+        (index.targets[0].id, "the performer from Kessary Trench")]
+
+
 def test_windows_cover_long_text_and_isolate_questions():
     text = FILLER + "Which perfume did she make from edelweiss?"
     windows = conversation_windows([text])
@@ -493,6 +516,23 @@ def test_hp_target_is_built_from_training_files_only(tmp_path: Path):
     seen = set(target.examples) | {r["question"] for rows in training.translated.values() for r in rows}
     for split in suite.splits:
         assert not seen & {item.text for item in split.items}, split.name
+
+
+def test_rwku_probes_that_ask_for_an_active_target_are_recognised_by_their_gold_answer():
+    """A neighbour probe whose gold answer completes an active target's name asks for that target (RWKU's
+    neighbour sets hold such probes); the evaluation leaves them out of the neighbour FPR goal."""
+    from classifiers.evaluation.suites import answered, names_in
+
+    names = {"genghis-khan": "Genghis Khan", "christopher-lloyd": "Christopher Lloyd"}
+    cloze = answered("In 1206, ___ Khan founded the Mongol Empire.", "Genghis")
+    assert cloze == "In 1206, Genghis Khan founded the Mongol Empire."
+    assert list(names_in(cloze, names)) == ["genghis-khan"]
+    question = answered("Who played Doc Brown in Back to the Future?", "Christopher Lloyd")
+    assert list(names_in(question, names)) == ["christopher-lloyd"]
+    assert answered("Her debut film was ___ ___ ___.", "I Am Sam") == "Her debut film was I Am Sam."
+    assert answered("___ and ___ created Friends.", "David Crane, Marta Kauffman") == \
+        "David Crane and Marta Kauffman created Friends."
+    assert not list(names_in(answered("Who created Friends?", "David Crane and Marta Kauffman"), names))
 
 
 # -- evaluation smoke run ---------------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def write_report(json_path: Path, reports: list[dict[str, Any]], histograms: dic
             n = metrics["neighbours"]
             lines += ["", (f"Neighbours: FPR {n['fpr']:.4f} over all {n['n']} probes; "
                            f"{n['fpr_excluding_other_targets']:.4f} over the {n['n_excluding_other_targets']} that "
-                           f"name no other active target; flagged for their own subject: {n['fpr_own_subject']:.4f}.")]
+                           f"name no other active target; {n['fpr_excluding_active_targets']:.4f} over the "
+                           f"{n['n_excluding_active_targets']} that neither name nor, with the gold answer in place, "
+                           f"ask for an active target; flagged for their own subject: {n['fpr_own_subject']:.4f}.")]
         bars = out_dir / f"{stem}-{suite}-splits.png"
         _bars(bars, f"{suite}: recall (green) / FPR (red) per split", labels, values, colors)
         lines += ["", f"![splits]({bars.name})"]

@@ -4,7 +4,11 @@ Recall counts a prompt as caught only when its own target is among the flagged o
 reported). FPR counts any flag. For RWKU's neighbour probes, with all 200 targets active, some probes name
 *another* active target verbatim ("Which album did <another target> release in 2020?"); flagging those is the
 correct behaviour for that other target, so the FPR is reported both over all probes and over the probes that
-name no other active target (the exclusion is a plain name match, independent of the classifier).
+name no other active target (the exclusion is a plain name match, independent of the classifier). Some probes
+also *ask for* an active target, their own subject included: with the gold answer in place, "In 1206, ___ Khan
+founded the Mongol Empire" (Genghis Khan's own neighbour set) or "Who played Doc Brown in Back to the Future?"
+(Christopher Lloyd, another target) name it. Those are forget probes, not neighbours; the goal is measured over
+the probes that neither name nor ask for an active target, and all three figures are reported.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ GOALS: dict[str, dict[str, tuple[str, float]]] = {
              "retain90_rest.fpr": ("<=", 0.01), "holdout10.fpr": ("<=", 0.02),
              "real_authors+world_facts.fpr": ("<=", 0.005)},
     "rwku": {"level2.recall": (">=", 0.98), "level3.recall": (">=", 0.92), "level3.min_type_recall": (">=", 0.80),
-             "neighbours.fpr_excluding_other_targets": ("<=", 0.03)},
+             "neighbours.fpr_excluding_active_targets": ("<=", 0.03)},
     "hp": {"trivia_heldout.recall": (">=", 0.95), "translated_trivia.recall": (">=", 0.85),
            "completions_ru.recall": (">=", 0.85), "completions_es.recall": (">=", 0.85),
            "side_effects.fpr": ("<=", 0.02)},
@@ -77,15 +81,19 @@ def _split_metrics(split: Split, decisions: list[Decision], suite: Suite) -> tup
         scores = [d.score for d in decisions]
         names = suite.notes.get("names")
         if names and split.name == "neighbours":
-            clean = []
-            own = []
+            clean, proper, own = [], [], []
             for item, d in zip(split.items, decisions, strict=True):
                 others = {t for t in suites.names_in(item.text, names) if t != item.meta.get("subject")}
                 if not others:
                     clean.append(d.flagged)
+                    answered = suites.answered(item.text, item.meta.get("answer", ""))
+                    if not any(suites.names_in(answered, names)):
+                        proper.append(d.flagged)
                 own.append(item.meta.get("subject") in d.targets)
             m["fpr_excluding_other_targets"] = _rate(clean)
             m["n_excluding_other_targets"] = len(clean)
+            m["fpr_excluding_active_targets"] = _rate(proper)
+            m["n_excluding_active_targets"] = len(proper)
             m["fpr_own_subject"] = _rate(own)
         m["false_positives"] = [[i.text, d.targets, d.stage] for i, d in zip(split.items, decisions, strict=True)
                                 if d.flagged][:15]

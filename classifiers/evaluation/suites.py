@@ -158,7 +158,8 @@ def rwku(data_dir: Path, limit_targets: int | None = None) -> Suite:
         for level in ("1", "2"):
             for r in json.loads((folder / f"neighbor_level{level}.json").read_text("utf-8")):
                 neighbours.append(Item(r["query"], None, {"subject": target.id, "level": level,
-                                                          "neighbor": r.get("neighbor", "")}))
+                                                          "neighbor": r.get("neighbor", ""),
+                                                          "answer": str(r.get("answer", ""))}))
     return Suite("rwku", targets, [Split("level2", "recall", l2), Split("level3", "recall", l3),
                                    Split("neighbours", "fpr", neighbours)],
                  {"targets": len(targets), "names": names})
@@ -305,6 +306,23 @@ def names_in(text: str, names: dict[str, str]) -> Iterator[str]:
     for tid, name in names.items():
         if re.search(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)", lowered):
             yield tid
+
+
+_BLANKS = re.compile(r"_{3,}(?:\s+_{3,})*")
+
+
+def answered(query: str, answer: str) -> str:
+    """The probe with its gold answer in place: each blank filled (comma-separated answers, one per blank, or
+    the whole answer in the first run of blanks), or the answer after a question."""
+    runs = _BLANKS.findall(query)
+    if not runs:
+        return f"{query} {answer}"
+    parts = [a.strip() for a in answer.split(",")]
+    if len(parts) != len(runs):
+        parts = [answer.strip()] + [""] * (len(runs) - 1)
+    for part in parts:
+        query = _BLANKS.sub(lambda _, part=part: part, query, count=1)
+    return query
 
 
 def counts(items: list[Item], key: str) -> Counter[str]:

@@ -1,0 +1,158 @@
+"""People described by their work instead of named: "the performer known for 'Dirty Dancing'".
+
+Why: the lexical stage finds names and the encoder finds prompts that read like a target's material, but a
+question that refers to a target by a signature work ("Which university did the actor known for 'The Scorpion
+King' attend?") is, to the encoder, a question about a film. RWKU's synonym-manipulation probes are written this
+way, and the learned stage scored them just under its threshold.
+
+A *description* is a determiner, up to three words, a role noun and a link ("known for", "behind", "from", "of",
+"who starred in") followed by a title: a quoted string or a capitalised run ("the host of E! News"). It counts
+as a mention of the target whose own description or facts name that title when
+- the title is specific: named by at most ``MAX_OWNERS`` active targets and, if a single word, not an everyday
+  one ("the woman from Georgia" describes nobody in particular);
+- the role fits: a specific role ("director", "singer") must occur in the target's description, since "the
+  director of 'Gangs of New York'" is not its lead actor; "performer", "star" or "legend" fit anyone, except
+  before a single unquoted word, which is as often a place as a work.
+The role is lower case, so a title that holds a role noun ("The Man from U.N.C.L.E.", "The Masked Singer") is
+not a description.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+from wordfreq import zipf_frequency
+
+from classifiers.lexical import EVERYDAY_ZIPF, Mention
+from classifiers.normalize import normalize_pattern
+
+MAX_OWNERS = 2  # a title several targets' facts name identifies none of them
+MAX_TITLE_WORDS = 6
+DESCRIBED_SCORE = 0.9  # a description is strong evidence, but not a name
+
+# Roles that fit any person the facts connect with a work.
+ANY_ROLE = frozenset({"performer", "star", "superstar", "legend", "icon", "celebrity", "personality", "entertainer",
+                      "idol", "artist", "figure", "co-star", "costar"})
+# Roles that must appear in the target's description to fit it.
+SPECIFIC_ROLES = frozenset({
+    "actor", "actress", "singer", "songwriter", "creator", "host", "musician", "author", "writer", "novelist", "poet",
+    "comedian", "comedienne", "rapper", "player", "athlete", "director", "filmmaker", "producer", "politician",
+    "president", "leader", "model", "wrestler", "boxer", "founder", "entrepreneur", "businessman", "businesswoman",
+    "ruler", "king", "queen", "emperor", "philosopher", "scientist", "inventor", "frontman", "vocalist", "composer",
+    "broadcaster", "journalist", "anchor", "mogul", "magnate", "guitarist", "drummer", "dancer", "chef", "designer",
+    "quarterback", "golfer", "champion", "monarch", "statesman", "activist", "presenter"})
+_ROLE = "|".join(sorted(ANY_ROLE | SPECIFIC_ROLES, key=len, reverse=True))
+_LINK = (r"(?:(?:known|famous|renowned|celebrated|recognized|recognised|remembered|acclaimed|noted|beloved)\s+"
+         r"(?:for|from)(?:\s+(?:his|her|their|the))?|best\s+known\s+(?:for|from)|behind|from|of|in|"
+         r"who\s+(?:starred|played|portrayed|wrote|created|sang|directed|hosted|founded|voiced|appeared|led)"
+         r"(?:\s+(?:in|on|as|for))?)")
+_CAPITALISED = r"[A-Z0-9][\w!&.:'’-]*"
+_RUN = rf"{_CAPITALISED}(?:\s+(?:(?:of|the|and|in|on|a|an|to|&|for|with)\s+){{0,2}}{_CAPITALISED})*"
+_QUOTED = r"[\"“‘'](?P<quoted>[^\"”’']{3,80}?)[\"”’']"
+_DESCRIPTION = re.compile(
+    rf"\b(?:[Tt]he|[Tt]his|[Tt]hat)\s+(?:[\w'’-]+\s+){{0,3}}?(?P<role>{_ROLE})\s+{_LINK}\s+(?:{_QUOTED}|(?P<run>{_RUN}))")
+_TITLE_IN_FACTS = re.compile(rf"{_QUOTED}|(?P<run>{_RUN})")
+_CONNECTORS = frozenset({"of", "the", "and", "in", "on", "a", "an", "to", "&", "for", "with"})
+_MONTHS = frozenset({"january", "february", "march", "april", "may", "june", "july", "august", "september",
+                     "october", "november", "december"})
+_ROLE_WORD = re.compile(r"[a-z]+(?:-[a-z]+)?")
+
+
+def _title_key(title: str) -> str | None:
+    """The normalised title, or None when it cannot identify a work (too short, a date or a number)."""
+    key = normalize_pattern(title)
+    words = key.split()
+    if len(key) < 4 or not words or len(words) > MAX_TITLE_WORDS or words[0] in _MONTHS:
+        return None
+    if all(w.isdigit() or w in _CONNECTORS for w in words):
+        return None
+    return key
+
+
+def _sub_runs(run: str) -> Iterable[str]:
+    """Every stretch of a capitalised run that starts and ends on a capitalised word ("In Dirty Dancing" also
+    gives "Dirty Dancing"), so a title found inside a longer run in the facts is still found."""
+    words = run.split()
+    capitalised = [i for i, w in enumerate(words) if w[:1].isupper() or w[:1].isdigit()]
+    for a in capitalised:
+        for b in capitalised:
+            if a <= b < a + MAX_TITLE_WORDS:
+                yield " ".join(words[a:b + 1])
+
+
+def work_titles(texts: Iterable[str], own_names: Sequence[str]) -> tuple[str, ...]:
+    """Normalised titles (quoted strings and capitalised runs) that a target's description and facts name,
+    without the target's own names, aliases and their words (those are the lexical stage's)."""
+    own = {word for name in own_names for word in name.split()}
+    found: set[str] = set()
+    for text in texts:
+        for match in _TITLE_IN_FACTS.finditer(text):
+            quoted = match.group("quoted")
+            pieces = [quoted] if quoted else list(_sub_runs(match.group("run")))
+            for piece in pieces:
+                key = _title_key(piece)
+                if key and not set(key.split()) <= own:
+                    found.add(key)
+    return tuple(sorted(found))
+
+
+def target_roles(description: str) -> tuple[str, ...]:
+    """The specific roles a target's description gives it ("American actor and producer")."""
+    words = set(_ROLE_WORD.findall(description.lower()))
+    words |= {w[:-1] for w in words if w.endswith("s")}
+    return tuple(sorted(words & SPECIFIC_ROLES))
+
+
+def _everyday(key: str) -> bool:
+    """A one-word title that is an everyday word ("Georgia", "Home"). Phrases are not asked: wordfreq's estimate
+    for a phrase is built from its words' frequencies and calls "Meet Me in Montana" everyday."""
+    return " " not in key and zipf_frequency(key, "en") > EVERYDAY_ZIPF
+
+
+class DescriptionMatcher:
+    """Descriptions of active targets in a conversation; built from each target's titles and roles."""
+
+    def __init__(self, works: Mapping[str, Sequence[str]], roles: Mapping[str, Sequence[str]]) -> None:
+        owners: dict[str, list[str]] = {}
+        for target_id, titles in works.items():
+            for title in titles:
+                ids = owners.setdefault(title, [])
+                if len(ids) <= MAX_OWNERS:
+                    ids.append(target_id)
+        self._owners = {t: tuple(ids) for t, ids in owners.items() if len(ids) <= MAX_OWNERS}
+        self._roles = {t: frozenset(r) for t, r in roles.items()}
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def _known_title(self, title: str) -> tuple[str, int] | None:
+        """The key and length (characters) of the longest leading stretch of ``title`` that is a specific,
+        non-everyday work title."""
+        words = list(re.finditer(r"\S+", title))
+        for end in range(min(len(words), MAX_TITLE_WORDS), 0, -1):
+            stretch = title[:words[end - 1].end()]
+            key = _title_key(stretch.rstrip(" .,;:?!"))
+            if key in self._owners and not _everyday(key):
+                return key, len(stretch)
+        return None
+
+    def find(self, messages: Sequence[str]) -> list[Mention]:
+        mentions: list[Mention] = []
+        for index, text in enumerate(messages):
+            for match in _DESCRIPTION.finditer(text):
+                group = "quoted" if match.group("quoted") else "run"
+                known = self._known_title(match.group(group))
+                if known is None:
+                    continue
+                key, length = known
+                # The span ends with the title (a quoted one with its closing quote): ECO corrupts exactly it.
+                end = match.end() if group == "quoted" else match.start(group) + length
+                role = match.group("role")
+                # One unquoted word ("the performer from Ghent") is as often a place as a work: a loose role
+                # ("performer") is not enough with it, the target's own role is.
+                loose = group == "quoted" or " " in key
+                for target_id in self._owners[key]:
+                    if (role in ANY_ROLE and loose) or role in self._roles.get(target_id, ()):
+                        mentions.append(Mention(index, match.start(), end, target_id, "described", DESCRIBED_SCORE))
+        return mentions
