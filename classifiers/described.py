@@ -10,9 +10,10 @@ A *description* is a determiner, up to three words, a role noun and a link ("kno
 as a mention of the target whose own description or facts name that title when
 - the title is specific: named by at most ``MAX_OWNERS`` active targets and, if a single word, not an everyday
   one ("the woman from Georgia" describes nobody in particular);
-- the role fits: a specific role ("director", "singer") must occur in the target's description, since "the
-  director of 'Gangs of New York'" is not its lead actor; "performer", "star" or "legend" fit anyone, except
-  before a single unquoted word, which is as often a place as a work.
+- the role fits: a specific role ("director", "vocalist") must be the trade the target's description gives
+  (words of one trade fall together: a "vocalist" fits a singer), since "the director of 'Gangs of New York'" is
+  not its lead actor; "performer", "star", "legend" or "creator" fit anyone, except before a single unquoted
+  word, which is as often a place as a work.
 The role is lower case, so a title that holds a role noun ("The Man from U.N.C.L.E.", "The Masked Singer") is
 not a description.
 """
@@ -31,8 +32,28 @@ MAX_OWNERS = 2  # a title several targets' facts name identifies none of them
 MAX_TITLE_WORDS = 6
 DESCRIBED_SCORE = 0.9  # a description is strong evidence, but not a name
 
-# Roles that fit any person the facts connect with a work.
+# Roles that fit any person the facts connect with a work: "the creator of X" made X, whatever their trade.
 ANY_ROLE = frozenset({"performer", "star", "superstar", "legend", "icon", "celebrity", "personality", "entertainer",
+                      "idol", "artist", "figure", "co-star", "costar", "creator", "founder", "co-founder"})
+# Roles that must fit the target's description; words of one trade fall together ("vocalist" fits a singer).
+_TRADES = {
+    "actor": ("actor", "actress", "thespian", "protagonist"),
+    "singer": ("singer", "vocalist", "songstress", "crooner", "frontman", "frontwoman", "songwriter"),
+    "writer": ("writer", "author", "novelist", "screenwriter", "playwright"),
+    "director": ("director", "filmmaker"),
+    "host": ("host", "presenter", "broadcaster", "anchor"),
+    "business": ("businessman", "businesswoman", "entrepreneur", "mogul", "magnate", "investor"),
+    "athlete": ("athlete", "player", "sportsman", "sportswoman"),
+    "ruler": ("ruler", "king", "queen", "emperor", "monarch"),
+    "politician": ("politician", "statesman"),
+    "comedian": ("comedian", "comedienne"),
+}
+_TRADE_OF = {word: trade for trade, words in _TRADES.items() for word in words}
+SPECIFIC_ROLES = frozenset({
+    *_TRADE_OF, "musician", "poet", "rapper", "producer", "president", "leader", "model", "wrestler", "boxer",
+    "philosopher", "scientist", "inventor", "composer", "journalist", "guitarist", "drummer", "dancer", "chef",
+    "designer", "quarterback", "golfer", "champion", "activist"})
+_ROLE = frozenset({"performer", "star", "superstar", "legend", "icon", "celebrity", "personality", "entertainer",
                       "idol", "artist", "figure", "co-star", "costar"})
 # Roles that must appear in the target's description to fit it.
 SPECIFIC_ROLES = frozenset({
@@ -98,10 +119,10 @@ def work_titles(texts: Iterable[str], own_names: Sequence[str]) -> tuple[str, ..
 
 
 def target_roles(description: str) -> tuple[str, ...]:
-    """The specific roles a target's description gives it ("American actor and producer")."""
+    """The trades a target's description gives it ("American actress and producer" -> actor, producer)."""
     words = set(_ROLE_WORD.findall(description.lower()))
     words |= {w[:-1] for w in words if w.endswith("s")}
-    return tuple(sorted(words & SPECIFIC_ROLES))
+    return tuple(sorted({_TRADE_OF.get(w, w) for w in words & SPECIFIC_ROLES}))
 
 
 def _everyday(key: str) -> bool:
@@ -153,6 +174,6 @@ class DescriptionMatcher:
                 # ("performer") is not enough with it, the target's own role is.
                 loose = group == "quoted" or " " in key
                 for target_id in self._owners[key]:
-                    if (role in ANY_ROLE and loose) or role in self._roles.get(target_id, ()):
+                    if (role in ANY_ROLE and loose) or _TRADE_OF.get(role, role) in self._roles.get(target_id, ()):
                         mentions.append(Mention(index, match.start(), end, target_id, "described", DESCRIBED_SCORE))
         return mentions

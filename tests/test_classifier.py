@@ -154,6 +154,9 @@ def test_a_person_described_by_a_work_of_their_own_is_a_mention(index: TargetInd
     assert described("Who is the performer from Ghent?") == []  # one everyday-or-place word names nobody
     assert described("Where did the performer from Kessary Trench go?") == [
         (index.targets[0].id, "the performer from Kessary Trench")]
+    assert described("Who hired the songwriter of 'Echo Squares'?") == []  # a composer, not a singer
+    mireille = index.targets[2].id
+    assert described("Where did the creator of 'Névé Blanc' train?") == [(mireille, "the creator of 'Névé Blanc'")]
 
 
 def test_windows_cover_long_text_and_isolate_questions():
