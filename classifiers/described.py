@@ -53,16 +53,6 @@ SPECIFIC_ROLES = frozenset({
     *_TRADE_OF, "musician", "poet", "rapper", "producer", "president", "leader", "model", "wrestler", "boxer",
     "philosopher", "scientist", "inventor", "composer", "journalist", "guitarist", "drummer", "dancer", "chef",
     "designer", "quarterback", "golfer", "champion", "activist"})
-_ROLE = frozenset({"performer", "star", "superstar", "legend", "icon", "celebrity", "personality", "entertainer",
-                      "idol", "artist", "figure", "co-star", "costar"})
-# Roles that must appear in the target's description to fit it.
-SPECIFIC_ROLES = frozenset({
-    "actor", "actress", "singer", "songwriter", "creator", "host", "musician", "author", "writer", "novelist", "poet",
-    "comedian", "comedienne", "rapper", "player", "athlete", "director", "filmmaker", "producer", "politician",
-    "president", "leader", "model", "wrestler", "boxer", "founder", "entrepreneur", "businessman", "businesswoman",
-    "ruler", "king", "queen", "emperor", "philosopher", "scientist", "inventor", "frontman", "vocalist", "composer",
-    "broadcaster", "journalist", "anchor", "mogul", "magnate", "guitarist", "drummer", "dancer", "chef", "designer",
-    "quarterback", "golfer", "champion", "monarch", "statesman", "activist", "presenter"})
 _ROLE = "|".join(sorted(ANY_ROLE | SPECIFIC_ROLES, key=len, reverse=True))
 _LINK = (r"(?:(?:known|famous|renowned|celebrated|recognized|recognised|remembered|acclaimed|noted|beloved)\s+"
          r"(?:for|from)(?:\s+(?:his|her|their|the))?|best\s+known\s+(?:for|from)|behind|from|of|in|"
