@@ -23,9 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from wordfreq import zipf_frequency
-
-from classifiers.lexical import EVERYDAY_ZIPF, Mention
+from classifiers.lexical import Mention, everyday_word
 from classifiers.normalize import normalize_pattern
 
 MAX_OWNERS = 2  # a title several targets' facts name identifies none of them
@@ -118,7 +116,7 @@ def target_roles(description: str) -> tuple[str, ...]:
 def _everyday(key: str) -> bool:
     """A one-word title that is an everyday word ("Georgia", "Home"). Phrases are not asked: wordfreq's estimate
     for a phrase is built from its words' frequencies and calls "Meet Me in Montana" everyday."""
-    return " " not in key and zipf_frequency(key, "en") > EVERYDAY_ZIPF
+    return " " not in key and everyday_word(key)
 
 
 class DescriptionMatcher:
