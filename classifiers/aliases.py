@@ -172,3 +172,47 @@ def derive_aliases(corpora: Iterable[Corpus], negatives: Sequence[str] = (), lim
             seen.add(key)
             out.append(cand)
     return out
+
+
+# -- birth names ---------------------------------------------------------------------------------------------
+
+_NAME_WORD = r"[A-Z][\w'’.-]*\.?"
+_PERSON = rf"{_NAME_WORD}(?:\s+{_NAME_WORD}){{1,4}}"
+_MONTH_WORDS = {"January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+                "November", "December"}
+# "Carlos Irwin Estévez (born September 3, 1965), known professionally as Charlie Sheen"
+_KNOWN_AS = re.compile(rf"^(?P<birth>{_PERSON})\s*\([^)]*\)\s*,?\s*(?:known\s+professionally|better\s+known|"
+                       rf"professionally\s+known|known)\s+as\s+(?P<name>{_PERSON})")
+# "Meghan, Duchess of Sussex (born Rachel Meghan Markle; August 4, 1981)", "Sheen was born Carlos Irwin Estévez on"
+_BORN_AS = re.compile(rf"(?P<subject>{_NAME_WORD}(?:,?\s+{_NAME_WORD}|\s+of\s+{_NAME_WORD}){{0,4}})\s*"
+                      rf"(?:\(\s*(?:born|née|né)|was\s+born)\s+(?P<birth>{_PERSON})(?=\s*(?:[;,)]|on\b|in\b))")
+_SUFFIX_WORDS = {"Jr.", "Jr", "Sr.", "Sr", "II", "III", "IV"}
+
+
+_PRONUNCIATION = re.compile(r"[A-Z]{2,}-|ə")  # "Houghton HOH-tən": a pronunciation guide, not a name
+
+
+def birth_names(name: str, texts: Iterable[str]) -> tuple[str, ...]:
+    """Other names the target's own texts say it was born with or is known by: "Carlos Irwin Estévez (born ...),
+    known professionally as Charlie Sheen", "Sheen was born Carlos Irwin Estévez on ...". The sentence's subject
+    (or the "known as" name) must be the target, written only with words of its name ("Lou Walters (born
+    Louis Abraham Warmwater)" is Barbara Walters's father). Each birth name also gives its first-and-last form,
+    and its middle-and-last form where the middle name is one the target goes by ("Rachel Meghan Markle" ->
+    "Meghan Markle" for Meghan, Duchess of Sussex)."""
+    own = set(normalize_pattern(name.replace(",", " ")).split())
+    found: set[str] = set()
+    for text in texts:
+        for pattern in (_KNOWN_AS, _BORN_AS):
+            for match in pattern.finditer(text):
+                named = match.group("name") if pattern is _KNOWN_AS else match.group("subject")
+                if not set(normalize_pattern(named.replace(",", " ")).split()) <= own:
+                    continue
+                words = [w for w in match.group("birth").split() if w not in _SUFFIX_WORDS]
+                full = [w for w in words if len(w.rstrip(".")) > 1]  # initials are no name on their own
+                if len(full) < 2 or any(w in _MONTH_WORDS for w in words) or _PRONUNCIATION.search(" ".join(words)) \
+                        or set(normalize_pattern(" ".join(words)).split()) <= own:
+                    continue
+                found.add(" ".join(words))
+                found.add(f"{full[0]} {full[-1]}")
+                found.update(f"{w} {full[-1]}" for w in full[1:-1] if normalize_pattern(w) in own)
+    return tuple(sorted(found))

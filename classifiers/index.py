@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from classifiers.aliases import birth_names
 from classifiers.described import DescriptionMatcher, target_roles, work_titles
 from classifiers.encoder import Encoder, cached_array, load_encoder, model_path
 from classifiers.features import (
@@ -42,6 +43,7 @@ from classifiers.features import (
     pair_features,
 )
 from classifiers.gate import EncoderGate, content_words
+from classifiers.gloss import Glosser
 from classifiers.learned import Calibration, Scorer, calibrate, fit_scorer
 from classifiers.lexical import (
     LexicalMatcher,
@@ -92,6 +94,7 @@ class ClassifierConfig:
     gate_max_share: float = 0.2  # words used by more than this share of the targets do not open the gate
     static_gate: bool = True  # ... and only windows whose static vector is near one of those targets' rows
     static_gate_miss: float = 0.01  # share of the operator's unnamed positives the static gate may turn away
+    gloss: bool = True  # also encode English glosses of windows in other languages (classifiers.gloss)
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,10 @@ def _generic_bank(encoder: Encoder) -> tuple[list[str], np.ndarray]:
     worker needs them at start-up, and encoding 1,700 prompts takes seconds on two cores. (The encoders are
     deterministic per text, so a cached row is the row encoding would give.)"""
     texts = generic_prompts()
+    # The glosses of the everyday prompts in other languages are negatives too: at run time such a prompt is
+    # also encoded as its gloss, and calibration must have seen what that looks like.
+    glosser = Glosser.packaged()
+    texts += [g for g in map(glosser.gloss, texts) if g]
     digest = hashlib.sha1("\n".join([encoder.name, model_path(), *texts]).encode()).hexdigest()[:16]
     return texts, cached_array(f"generic-{digest}.npy", lambda: encoder.encode(texts))
 
@@ -213,9 +220,15 @@ def _mask(text: str, mentions: Sequence[Mention], word: str) -> str:
     return "".join(out)
 
 
+def other_names(target: Target) -> tuple[str, ...]:
+    """The target's aliases and the birth names its own description and facts give ("Carlos Irwin Estévez
+    (born September 3, 1965), known professionally as Charlie Sheen"): all of them name the target."""
+    return (*target.aliases, *birth_names(target.name, [target.description, *target.facts]))
+
+
 def name_words(target: Target) -> tuple[str, ...]:
-    """``TargetEntry.name_words``: the content words of the target's own name and aliases."""
-    return tuple(sorted(content_words([target.name, *target.aliases])))
+    """``TargetEntry.name_words``: the content words of the target's own name and other names."""
+    return tuple(sorted(content_words([target.name, *other_names(target)])))
 
 
 def _words_only_in_names(content: str, window: Window, names: Sequence[Mention]) -> frozenset[str]:
@@ -249,7 +262,8 @@ def _evidence(mentions: Sequence[Mention]) -> dict[str, MentionEvidence]:
 def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, digest: str | None = None) -> TargetEntry:
     """Patterns and embeddings of one target (the expensive, cacheable part of a build)."""
     digest = digest or target_digest(target)
-    patterns = target_patterns(target.name, target.aliases)
+    names = other_names(target)
+    patterns = target_patterns(target.name, names)
     rows: list[tuple[str, int]] = [(f"{target.name}. {target.description}".strip(), KIND_DESCRIPTION)]
     for fact in target.facts:
         rows += [(w.text, KIND_FACT) for w in message_windows(0, fact)]
@@ -274,7 +288,7 @@ def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, dige
                           vectors[n_rows:n_rows + n_keep].astype(np.float16),
                           vectors[n_rows + n_keep:n_rows + n_keep + n_related].astype(np.float16))
     key = int(hashlib.sha1(f"{target.id}\x00{digest}".encode()).hexdigest()[:10], 16)
-    vocabulary = tuple(sorted(content_words([target.name, *target.aliases, *(t for t, _ in rows)])))
+    vocabulary = tuple(sorted(content_words([target.name, *names, *(t for t, _ in rows)])))
     static = static_embedder(encoder)
     static_rows = static.embed([t for t, _ in rows]).astype(np.float16) if static is not None else \
         np.zeros((0, STATIC_DIM), np.float16)
@@ -341,6 +355,7 @@ class TargetIndex:
         self.training_data: dict[str, Any] = {}
         self.vocabulary: dict[str, int] = {}  # content word -> number of targets using it
         self.gate = EncoderGate({}, [], math.inf, None)
+        self.glosser = Glosser.packaged() if config.gloss else None
 
     # -- classification -------------------------------------------------------------------------------------
     def prepare(self, conversation: Conversation) -> Prepared:
@@ -348,6 +363,8 @@ class TargetIndex:
         messages = conversation_texts(conversation)
         mentions = self.matcher.find(messages) + self.described.find(messages)
         windows = conversation_windows(messages)
+        if self.glosser is not None:
+            windows += self.glosser.windows(windows)
         if self.config.gate:
             windows = self._gated(messages, windows, mentions)
         phrases = [proper_phrases(w.text) for w in windows]

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from classifiers.aliases import Corpus, derive_aliases
+from classifiers.aliases import Corpus, birth_names, derive_aliases
 from classifiers.batching import Classifier, classify_batch
-from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index
+from classifiers.gloss import Glosser
+from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index, other_names
 from classifiers.learned import conformal_threshold
 from classifiers.lexical import LexicalMatcher, target_patterns
 from classifiers.normalize import normalize
@@ -456,6 +457,45 @@ def test_classify_cli_on_a_tiny_file(tmp_path: Path):
 
 
 # -- aliases derived from an operator's texts ---------------------------------------------------------------------
+
+
+def test_birth_names_in_the_targets_own_texts_are_names_of_it():
+    """"Orla Marie Dupuis (born ...), known professionally as Orla Vantremont" names her; a relative's birth name
+    ("her uncle Piet Vantremont (born Pieter Jan Claes)") names someone else; dates and initials are no names."""
+    texts = ["Orla Marie Dupuis (born 4 May 1951), known professionally as Orla Vantremont, is a cartographer.",
+             "Her uncle Piet Vantremont (born Pieter Jan Claes) kept a lighthouse.",
+             "Vantremont was born Orla M. Dupuis in Ghent.", "Vantremont was born June Second in Ghent."]
+    names = birth_names("Orla Vantremont", texts)
+    assert set(names) == {"Orla Marie Dupuis", "Orla Dupuis", "Orla M. Dupuis"}
+    assert birth_names("Rachel Vantremont", ["Rachel Vantremont (born Anne Rachel Smit; 1951) drew maps."]) == (
+        "Anne Rachel Smit", "Anne Smit", "Rachel Smit")  # she goes by her middle name
+    orla = ORLA.model_copy(update={"facts": [*ORLA.facts, texts[0]]})
+    matcher = LexicalMatcher({"orla": target_patterns(orla.name, other_names(orla))})
+    assert [(m.kind, m.target_id) for m in matcher.find(["What did Orla Dupuis chart?"])] == [("exact", "orla")]
+
+
+def test_windows_in_other_languages_are_also_encoded_as_english_glosses(index: TargetIndex, monkeypatch):
+    """A Spanish, French or German question about a target is read by the English encoder through its word
+    gloss; English prompts, names and titles are left as they are."""
+    glosser = Glosser.packaged()
+    assert glosser.language("¿Quién dibujó la primera carta de la fosa Kessary en 1983?") == "es"
+    assert glosser.language("Qui a dessiné la première carte de la fosse Kessary?") == "fr"
+    assert glosser.language("Welcher Kartograf hat die erste Karte des Kessary-Grabens gezeichnet?") == "de"
+    for english in ("Who retired from the Las Vegas residency at the Flamingo Las Vegas?",
+                    "The die is cast, said Caesar, and he crossed the Rubicon.", "Who wrote 'La vie en rose'?"):
+        assert glosser.language(english) is None and glosser.gloss(english) is None
+    glossed = glosser.gloss("¿Quién dibujó la primera carta de la fosa Kessary en 1983?")
+    assert glossed is not None and glossed.startswith("Who ") and "Kessary" in glossed and "1983" in glossed
+    assert "the album" in (glosser.gloss("Qui a chanté sur l'album 'Blue Below' de la chanteuse?") or "")
+
+    # "Which medal did the atlas Blue Below win?" is one of Orla's examples; its gloss is a near-copy of it.
+    question = "Por favor, responde en inglés. ¿Qué medalla ganó el atlas Blue Below?"
+    prepared = index.prepare(question)
+    assert any(w.text.endswith("What medal won the atlas Blue Below?") for w in prepared.windows)
+    glossed = index.classify(question)
+    assert glossed.flagged and glossed.targets == [index.targets[0].id] and glossed.stage == "semantic"
+    monkeypatch.setattr(index, "glosser", None)
+    assert index.classify(question).scores[index.targets[0].id] < glossed.scores[index.targets[0].id]
 
 # An invented saga: its names recur, everyday words are capitalised only at a sentence start or are common anyway.
 SAGA = [

@@ -1,0 +1,111 @@
+"""Word-by-word English glosses of windows written in other languages, for the English-only encoder.
+
+Why: all-MiniLM-L6-v2 was trained on English. To it, "¿Quién interpretó a Henry Hill en la película
+Goodfellas?" is a name, a title and word pieces it cannot read, so the question lands far from the target's
+English material ("Who played Henry Hill in Goodfellas?", derived from its facts). No multilingual encoder
+installs offline, but the words that carry a question's intent - question words, "played", "born", "film",
+"wife" - are few and stable, so a glossary of them turns the window into broken English the encoder does read:
+"Who played to Henry Hill in the film Goodfellas?". The glossed window is encoded *beside* the original (same
+characters of the same message), never instead of it.
+
+The glossaries (``data/gloss/<lang>.tsv``) were written by hand: each language's most frequent words (wordfreq's
+top list) and the vocabulary of questions about people and their works, in Spanish, French, German, Italian
+and Portuguese. No benchmark text went into them.
+
+A window is read as language L when at least ``MIN_FOREIGN`` of its lower-case words, and at least
+``MIN_SHARE`` of them, are words of L's glossary that L uses more than English does (by wordfreq), so "Las Vegas"
+or a French loan word in an English prompt glosses nothing. Capitalised words are names and titles and stay as
+written, except where a sentence starts and, in German, nouns the glossary knows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from wordfreq import zipf_frequency
+
+from classifiers.windows import Window
+
+LANGUAGES = ("es", "fr", "de", "it", "pt")
+MIN_FOREIGN = 3  # lower-case words that must be the language's, not English
+MIN_SHARE = 0.3  # ... and this share of the window's lower-case words
+FOREIGN_MARGIN = 0.5  # Zipf points a word must be more frequent in the language than in English
+_TOKEN = re.compile(r"[^\W\d_]+|\d+|\s+|.", re.UNICODE)
+_ELISION = re.compile(r"\b([^\W\d_]{1,5})['’](?=[^\W\d_])", re.UNICODE)  # l'album, dell'anno, qu'il
+_SENTENCE_START = re.compile(r"(?:^|[.!?¿¡:;\"“«(]\s*)$")
+
+
+@lru_cache(maxsize=8)
+def load_glossary(language: str) -> Mapping[str, str]:
+    """word -> English gloss, from the packaged ``data/gloss/<language>.tsv``."""
+    text = resources.files("classifiers").joinpath(f"data/gloss/{language}.tsv").read_text(encoding="utf-8")
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            word, _, gloss = line.partition("\t")
+            out[word.strip()] = gloss.strip()
+    return out
+
+
+@lru_cache(maxsize=65_536)
+def _foreign(word: str, language: str) -> bool:
+    """The language uses this word clearly more than English does ("quién", "de", "die"; not "a", "in")."""
+    return zipf_frequency(word, language) >= zipf_frequency(word, "en") + FOREIGN_MARGIN
+
+
+@dataclass(frozen=True)
+class Glosser:
+    """Detects a window's language among the glossaries' and glosses it word by word."""
+
+    glossaries: Mapping[str, Mapping[str, str]]
+
+    @classmethod
+    def packaged(cls) -> Glosser:
+        return cls({language: load_glossary(language) for language in LANGUAGES})
+
+    def language(self, text: str) -> str | None:
+        """The glossary language the text is written in, or None (English, or none of them)."""
+        lower = [w for w in re.findall(r"[^\W\d_]+", _ELISION.sub(r"\1 ", text)) if w.islower()]
+        if len(lower) < MIN_FOREIGN:
+            return None
+        best, best_hits = None, 0
+        for language, glossary in self.glossaries.items():
+            hits = sum(1 for w in lower if w in glossary and _foreign(w, language))
+            if hits > best_hits:
+                best, best_hits = language, hits
+        if best_hits < max(MIN_FOREIGN, MIN_SHARE * len(lower)):
+            return None
+        return best
+
+    def gloss(self, text: str) -> str | None:
+        """The word-by-word English gloss of ``text``, or None when it is not in a glossary language."""
+        language = self.language(text)
+        if language is None:
+            return None
+        glossary = self.glossaries[language]
+        text = _ELISION.sub(r"\1 ", text)
+        out: list[str] = []
+        for match in _TOKEN.finditer(text):
+            token = match.group(0)
+            lower = token.lower()
+            if lower in glossary and (token.islower() or language == "de"
+                                      or _SENTENCE_START.search(text[:match.start()])):
+                gloss = glossary[lower]
+                out.append(gloss.capitalize() if token[0].isupper() else gloss)
+            elif token not in "¿¡":
+                out.append(token)
+        glossed = re.sub(r"\s+", " ", "".join(out)).strip()
+        return glossed if glossed and glossed != text.strip() else None
+
+    def windows(self, windows: Sequence[Window]) -> list[Window]:
+        """Glossed copies of the windows written in a glossary language (same message and characters)."""
+        out: list[Window] = []
+        for window in windows:
+            glossed = self.gloss(window.text)
+            if glossed:
+                out.append(Window(window.message, window.start, window.end, glossed))
+        return out
