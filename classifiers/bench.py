@@ -34,8 +34,7 @@ from classifiers.batching import Classifier
 from classifiers.described import target_roles, work_titles
 from classifiers.encoder import Encoder, load_encoder
 from classifiers.gate import content_words
-from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_index, name_words, other_names
-from classifiers.lexical import target_patterns
+from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_index, name_patterns, name_words
 from classifiers.semantic import KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT, ExemplarBlock
 from classifiers.static import STATIC_DIM, static_embedder
 from gateway.registry.targets import Target
@@ -125,7 +124,7 @@ def _synthetic_entry_factory(encoder: Encoder, seed: int = 0) -> Callable[[Targe
         words = tuple(sorted(content_words(texts)))
         static_rows = static.embed(texts).astype(np.float16) if static is not None else \
             np.zeros((0, STATIC_DIM), np.float16)
-        patterns = target_patterns(target.name, other_names(target))
+        patterns = name_patterns(target)
         return TargetEntry(target.id, digest, encoder.name, key, patterns, block,
                            positives, variants, vectors(len(variants)), (), (), words, static_rows,
                            name_words(target), work_titles([target.description, *target.facts], patterns.full),

@@ -26,20 +26,28 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+import regex
 from wordfreq import zipf_frequency
 
 from classifiers.windows import Window
 
-LANGUAGES = ("es", "fr", "de", "it", "pt")
 MIN_FOREIGN = 3  # lower-case words that must be the language's, not English
 MIN_SHARE = 0.3  # ... and this share of the window's lower-case words
 FOREIGN_MARGIN = 0.5  # Zipf points a word must be more frequent in the language than in English
-_TOKEN = re.compile(r"[^\W\d_]+|\d+|\s+|.", re.UNICODE)
-_ELISION = re.compile(r"\b([^\W\d_]{1,5})['’](?=[^\W\d_])", re.UNICODE)  # l'album, dell'anno, qu'il
+# Words with their combining marks (Devanagari writes vowel signs as marks), numbers, spaces, anything else.
+_WORD = regex.compile(r"[\p{L}\p{M}]+")
+_TOKEN = regex.compile(r"[\p{L}\p{M}]+|\d+|\s+|.")
+_ELISION = regex.compile(r"\b(\p{L}{1,5})['’](?=\p{L})")  # l'album, dell'anno, qu'il
 _SENTENCE_START = re.compile(r"(?:^|[.!?¿¡:;\"“«(]\s*)$")
 
 
-@lru_cache(maxsize=8)
+def languages() -> tuple[str, ...]:
+    """The languages with a packaged glossary (``data/gloss/<language>.tsv``)."""
+    folder = resources.files("classifiers").joinpath("data/gloss")
+    return tuple(sorted(f.name.removesuffix(".tsv") for f in folder.iterdir() if f.name.endswith(".tsv")))
+
+
+@lru_cache(maxsize=16)
 def load_glossary(language: str) -> Mapping[str, str]:
     """word -> English gloss, from the packaged ``data/gloss/<language>.tsv``."""
     text = resources.files("classifiers").joinpath(f"data/gloss/{language}.tsv").read_text(encoding="utf-8")
@@ -65,11 +73,12 @@ class Glosser:
 
     @classmethod
     def packaged(cls) -> Glosser:
-        return cls({language: load_glossary(language) for language in LANGUAGES})
+        return cls({language: load_glossary(language) for language in languages()})
 
     def language(self, text: str) -> str | None:
         """The glossary language the text is written in, or None (English, or none of them)."""
-        lower = [w for w in re.findall(r"[^\W\d_]+", _ELISION.sub(r"\1 ", text)) if w.islower()]
+        # Capitalised words are names and titles; caseless scripts (Devanagari) count as lower case.
+        lower = [w for w in _WORD.findall(_ELISION.sub(r"\1 ", text)) if not w[0].isupper()]
         if len(lower) < MIN_FOREIGN:
             return None
         best, best_hits = None, 0
@@ -92,7 +101,7 @@ class Glosser:
         for match in _TOKEN.finditer(text):
             token = match.group(0)
             lower = token.lower()
-            if lower in glossary and (token.islower() or language == "de"
+            if lower in glossary and (not token[0].isupper() or language == "de"
                                       or _SENTENCE_START.search(text[:match.start()])):
                 gloss = glossary[lower]
                 out.append(gloss.capitalize() if token[0].isupper() else gloss)

@@ -195,15 +195,15 @@ def generic_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _generic_bank(encoder: Encoder) -> tuple[list[str], np.ndarray]:
+def _generic_bank(encoder: Encoder, gloss: bool) -> tuple[list[str], np.ndarray]:
     """The generic prompts and their embeddings, cached on disk per encoder and prompt list: every gateway
     worker needs them at start-up, and encoding 1,700 prompts takes seconds on two cores. (The encoders are
     deterministic per text, so a cached row is the row encoding would give.)"""
     texts = generic_prompts()
     # The glosses of the everyday prompts in other languages are negatives too: at run time such a prompt is
     # also encoded as its gloss, and calibration must have seen what that looks like.
-    glosser = Glosser.packaged()
-    texts += [g for g in map(glosser.gloss, texts) if g]
+    if gloss:
+        texts += [g for g in map(Glosser.packaged().gloss, texts) if g]
     digest = hashlib.sha1("\n".join([encoder.name, model_path(), *texts]).encode()).hexdigest()[:16]
     return texts, cached_array(f"generic-{digest}.npy", lambda: encoder.encode(texts))
 
@@ -220,15 +220,15 @@ def _mask(text: str, mentions: Sequence[Mention], word: str) -> str:
     return "".join(out)
 
 
-def other_names(target: Target) -> tuple[str, ...]:
-    """The target's aliases and the birth names its own description and facts give ("Carlos Irwin Estévez
-    (born September 3, 1965), known professionally as Charlie Sheen"): all of them name the target."""
-    return (*target.aliases, *birth_names(target.name, [target.description, *target.facts]))
+def name_patterns(target: Target) -> TargetPatterns:
+    """The lexical patterns of a target: its name, aliases and the birth names its own description and facts
+    give ("Carlos Irwin Estévez (born September 3, 1965), known professionally as Charlie Sheen")."""
+    return target_patterns(target.name, target.aliases, birth_names(target.name, [target.description, *target.facts]))
 
 
 def name_words(target: Target) -> tuple[str, ...]:
-    """``TargetEntry.name_words``: the content words of the target's own name and other names."""
-    return tuple(sorted(content_words([target.name, *other_names(target)])))
+    """``TargetEntry.name_words``: the content words of the target's own name and aliases."""
+    return tuple(sorted(content_words([target.name, *target.aliases])))
 
 
 def _words_only_in_names(content: str, window: Window, names: Sequence[Mention]) -> frozenset[str]:
@@ -262,8 +262,7 @@ def _evidence(mentions: Sequence[Mention]) -> dict[str, MentionEvidence]:
 def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, digest: str | None = None) -> TargetEntry:
     """Patterns and embeddings of one target (the expensive, cacheable part of a build)."""
     digest = digest or target_digest(target)
-    names = other_names(target)
-    patterns = target_patterns(target.name, names)
+    patterns = name_patterns(target)
     rows: list[tuple[str, int]] = [(f"{target.name}. {target.description}".strip(), KIND_DESCRIPTION)]
     for fact in target.facts:
         rows += [(w.text, KIND_FACT) for w in message_windows(0, fact)]
@@ -288,7 +287,7 @@ def build_entry(target: Target, encoder: Encoder, config: ClassifierConfig, dige
                           vectors[n_rows:n_rows + n_keep].astype(np.float16),
                           vectors[n_rows + n_keep:n_rows + n_keep + n_related].astype(np.float16))
     key = int(hashlib.sha1(f"{target.id}\x00{digest}".encode()).hexdigest()[:10], 16)
-    vocabulary = tuple(sorted(content_words([target.name, *names, *(t for t, _ in rows)])))
+    vocabulary = tuple(sorted(content_words([target.name, *target.aliases, *(t for t, _ in rows)])))
     static = static_embedder(encoder)
     static_rows = static.embed([t for t, _ in rows]).astype(np.float16) if static is not None else \
         np.zeros((0, STATIC_DIM), np.float16)
@@ -686,7 +685,7 @@ def build_index(targets: Sequence[Target], previous: TargetIndex | None = None, 
     if previous is not None and previous.encoder.name == encoder.name:
         generic = previous.generic_bank
     else:
-        generic = _generic_bank(encoder)
+        generic = _generic_bank(encoder, config.gloss)
     patterns = {e.target_id: e.patterns for e in entries}
     if previous is not None and [(e.target_id, e.patterns) for e in previous.entries] == list(patterns.items()):
         matcher = previous.matcher

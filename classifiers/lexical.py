@@ -117,10 +117,12 @@ def _variants(raw: str) -> set[str]:
     return out
 
 
-def target_patterns(name: str, aliases: Iterable[str]) -> TargetPatterns:
-    """Full-name patterns from the name and aliases; the surname of a multi-word name as a partial pattern."""
+def target_patterns(name: str, aliases: Iterable[str], birth_names: Iterable[str] = ()) -> TargetPatterns:
+    """Full-name patterns from the name, aliases and birth names; the surname of a multi-word name or alias as a
+    partial pattern. A birth surname gives none: relatives share it ("McGraw" in Faith Hill's married name is
+    also her husband Tim McGraw's)."""
     full: set[str] = set()
-    for raw in (name, *aliases):
+    for raw in (name, *aliases, *birth_names):
         full |= _variants(raw)
     partial: set[str] = set()
     for raw in (name, *aliases):

@@ -21,7 +21,7 @@ import pytest
 from classifiers.aliases import Corpus, birth_names, derive_aliases
 from classifiers.batching import Classifier, classify_batch
 from classifiers.gloss import Glosser
-from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index, other_names
+from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index, name_patterns
 from classifiers.learned import conformal_threshold
 from classifiers.lexical import LexicalMatcher, target_patterns
 from classifiers.normalize import normalize
@@ -470,8 +470,9 @@ def test_birth_names_in_the_targets_own_texts_are_names_of_it():
     assert birth_names("Rachel Vantremont", ["Rachel Vantremont (born Anne Rachel Smit; 1951) drew maps."]) == (
         "Anne Rachel Smit", "Anne Smit", "Rachel Smit")  # she goes by her middle name
     orla = ORLA.model_copy(update={"facts": [*ORLA.facts, texts[0]]})
-    matcher = LexicalMatcher({"orla": target_patterns(orla.name, other_names(orla))})
+    matcher = LexicalMatcher({"orla": name_patterns(orla)})
     assert [(m.kind, m.target_id) for m in matcher.find(["What did Orla Dupuis chart?"])] == [("exact", "orla")]
+    assert matcher.find(["Did Pierre Dupuis chart the trench?"]) == []  # relatives share a birth surname
 
 
 def test_windows_in_other_languages_are_also_encoded_as_english_glosses(index: TargetIndex, monkeypatch):
