@@ -37,6 +37,7 @@ FOREIGN_MARGIN = 0.5  # Zipf points a word must be more frequent in the language
 # Words with their combining marks (Devanagari writes vowel signs as marks), numbers, spaces, anything else.
 _WORD = regex.compile(r"[\p{L}\p{M}]+")
 _TOKEN = regex.compile(r"[\p{L}\p{M}]+|\d+|\s+|.")
+_ASCII_WORD = re.compile(r"[A-Za-z]+")  # the same words, faster, for ASCII text (most prompts)
 _ELISION = regex.compile(r"\b(\p{L}{1,5})['’](?=\p{L})")  # l'album, dell'anno, qu'il
 _SENTENCE_START = re.compile(r"(?:^|[.!?¿¡:;\"“«(]\s*)$")
 
@@ -59,10 +60,11 @@ def load_glossary(language: str) -> Mapping[str, str]:
     return out
 
 
-@lru_cache(maxsize=65_536)
-def _foreign(word: str, language: str) -> bool:
-    """The language uses this word clearly more than English does ("quién", "de", "die"; not "a", "in")."""
-    return zipf_frequency(word, language) >= zipf_frequency(word, "en") + FOREIGN_MARGIN
+def _foreign_words(language: str, glossary: Mapping[str, str]) -> frozenset[str]:
+    """The glossary's words that the language uses clearly more than English does ("quién", "de", "die"; not
+    "a", "in"): only these count as evidence of the language."""
+    return frozenset(w for w in glossary
+                     if zipf_frequency(w, language) >= zipf_frequency(w, "en") + FOREIGN_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -70,20 +72,29 @@ class Glosser:
     """Detects a window's language among the glossaries' and glosses it word by word."""
 
     glossaries: Mapping[str, Mapping[str, str]]
+    foreign: Mapping[str, frozenset[str]]  # language -> its words that are evidence of it
+
+    @classmethod
+    def from_glossaries(cls, glossaries: Mapping[str, Mapping[str, str]]) -> Glosser:
+        return cls(glossaries, {lang: _foreign_words(lang, glossary) for lang, glossary in glossaries.items()})
 
     @classmethod
     def packaged(cls) -> Glosser:
-        return cls({language: load_glossary(language) for language in languages()})
+        """The glosser of the packaged glossaries (built once per process: a few hundred ms of look-ups)."""
+        return _packaged()
 
     def language(self, text: str) -> str | None:
         """The glossary language the text is written in, or None (English, or none of them)."""
         # Capitalised words are names and titles; caseless scripts (Devanagari) count as lower case.
-        lower = [w for w in _WORD.findall(_ELISION.sub(r"\1 ", text)) if not w[0].isupper()]
+        if "'" in text or "’" in text:
+            text = _ELISION.sub(r"\1 ", text)
+        found = _ASCII_WORD.findall(text) if text.isascii() else _WORD.findall(text)
+        lower = [w for w in found if not w[0].isupper()]
         if len(lower) < MIN_FOREIGN:
             return None
         best, best_hits = None, 0
-        for language, glossary in self.glossaries.items():
-            hits = sum(1 for w in lower if w in glossary and _foreign(w, language))
+        for language, words in self.foreign.items():
+            hits = sum(1 for w in lower if w in words)
             if hits > best_hits:
                 best, best_hits = language, hits
         if best_hits < max(MIN_FOREIGN, MIN_SHARE * len(lower)):
@@ -118,3 +129,8 @@ class Glosser:
             if glossed:
                 out.append(Window(window.message, window.start, window.end, glossed))
         return out
+
+
+@lru_cache(maxsize=1)
+def _packaged() -> Glosser:
+    return Glosser.from_glossaries({language: load_glossary(language) for language in languages()})
