@@ -8,9 +8,10 @@ installs offline, but the words that carry a question's intent - question words,
 "Who played to Henry Hill in the film Goodfellas?". The glossed window is encoded *beside* the original (same
 characters of the same message), never instead of it.
 
-The glossaries (``data/gloss/<lang>.tsv``) were written by hand: each language's most frequent words (wordfreq's
-top list) and the vocabulary of questions about people and their works, in Spanish, French, German, Italian
-and Portuguese. No benchmark text went into them.
+The glossaries (``data/gloss/<lang>.tsv``: Spanish, French, German, Italian, Portuguese, Russian, Hindi) were
+written by hand: each language's 3,000 most frequent words (wordfreq's list, without names) and the vocabulary of
+questions about people and their works in its inflected forms. No benchmark text went into them. Words outside
+them (domain terms: "hechizo", "заклинание") stay as written.
 
 A window is read as language L when at least ``MIN_FOREIGN`` of its lower-case words, and at least
 ``MIN_SHARE`` of them, are words of L's glossary that L uses more than English does (by wordfreq), so "Las Vegas"
