@@ -8,8 +8,8 @@ way, and the learned stage scored them just under its threshold.
 A *description* is a determiner, up to three words, a role noun and a link ("known for", "behind", "from", "of",
 "who starred in") followed by a title: a quoted string or a capitalised run ("the host of E! News"). It counts
 as a mention of the target whose own description or facts name that title when
-- the title is specific: named by at most ``MAX_OWNERS`` active targets and, if a single word, not an everyday
-  one ("the woman from Georgia" describes nobody in particular);
+- the title is specific: named by at most ``MAX_OWNERS`` active targets and, if a single unquoted word, not an
+  everyday one ("the woman from Georgia" describes nobody in particular; "the singer of 'Sorry'" is a title);
 - the role fits: a specific role ("director", "vocalist") must be the trade the target's description gives
   (words of one trade fall together: a "vocalist" fits a singer), since "the director of 'Gangs of New York'" is
   not its lead actor; "performer", "star", "legend" or "creator" fit anyone, except before a single unquoted
@@ -135,14 +135,15 @@ class DescriptionMatcher:
     def __len__(self) -> int:
         return len(self._owners)
 
-    def _known_title(self, title: str) -> tuple[str, int] | None:
-        """The key and length (characters) of the longest leading stretch of ``title`` that is a specific,
-        non-everyday work title."""
+    def _known_title(self, title: str, quoted: bool) -> tuple[str, int] | None:
+        """The key and length (characters) of the longest leading stretch of ``title`` that is a specific work
+        title: unquoted, not an everyday word ("the woman from Georgia"); quoted, any ("the performer of 'Sorry'"),
+        since the quotes say it is a title."""
         words = list(re.finditer(r"\S+", title))
         for end in range(min(len(words), MAX_TITLE_WORDS), 0, -1):
             stretch = title[:words[end - 1].end()]
             key = _title_key(stretch.rstrip(" .,;:?!"))
-            if key in self._owners and not _everyday(key):
+            if key in self._owners and (quoted or not _everyday(key)):
                 return key, len(stretch)
         return None
 
@@ -151,7 +152,7 @@ class DescriptionMatcher:
         for index, text in enumerate(messages):
             for match in _DESCRIPTION.finditer(text):
                 group = "quoted" if match.group("quoted") else "run"
-                known = self._known_title(match.group(group))
+                known = self._known_title(match.group(group), group == "quoted")
                 if known is None:
                     continue
                 key, length = known

@@ -20,6 +20,7 @@ import pytest
 
 from classifiers.aliases import Corpus, birth_names, derive_aliases
 from classifiers.batching import Classifier, classify_batch
+from classifiers.described import DescriptionMatcher
 from classifiers.gloss import Glosser
 from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index, name_patterns
 from classifiers.learned import conformal_threshold
@@ -158,6 +159,10 @@ def test_a_person_described_by_a_work_of_their_own_is_a_mention(index: TargetInd
     assert described("Who hired the songwriter of 'Echo Squares'?") == []  # a composer, not a singer
     mireille = index.targets[2].id
     assert described("Where did the creator of 'Névé Blanc' train?") == [(mireille, "the creator of 'Névé Blanc'")]
+    # An everyday word is a title when quoted, and likely a place or a thing when not.
+    singer = DescriptionMatcher({"x": ("home",)}, {"x": ("singer",)})
+    assert [m.target_id for m in singer.find(["Where was the singer of 'Home' born?"])] == ["x"]
+    assert singer.find(["Where was the singer from Home born?"]) == []
 
 
 def test_windows_cover_long_text_and_isolate_questions():
