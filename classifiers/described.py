@@ -166,3 +166,49 @@ class DescriptionMatcher:
                     if (role in ANY_ROLE and loose) or _TRADE_OF.get(role, role) in self._roles.get(target_id, ()):
                         mentions.append(Mention(index, match.start(), end, target_id, "described", DESCRIBED_SCORE))
         return mentions
+
+
+# -- the trade a question asks for --------------------------------------------------------------------------------
+
+_ACTING = frozenset({"actor", "comedian"})
+_SINGING = frozenset({"singer", "rapper", "musician"})
+_MUSIC = frozenset({"singer", "rapper", "musician", "composer", "guitarist", "drummer"})
+# Acts and posts that belong to a trade: whoever "directed" a film, or was "the director" of it, is a director;
+# whoever "portrayed" a character acts. Acts and posts people of any trade take ("wrote" a memoir, "founded" a
+# charity, "produced" an album, "played" for a team, was "the host" of a show or "the author" of a book) say
+# nothing about the trade and are not here.
+_TRADE_VERBS = {"directed": frozenset({"director"}), "co-directed": frozenset({"director"}), "portrayed": _ACTING,
+                "starred": _ACTING, "co-starred": _ACTING, "voiced": _ACTING, "sang": _SINGING,
+                "composed": frozenset({"composer", "musician", "singer"}),
+                "invented": frozenset({"inventor", "scientist", "business"})}
+_TRADE_ROLES = {"director": frozenset({"director"}), "filmmaker": frozenset({"director"}), "actor": _ACTING,
+                "actress": _ACTING, **{role: _SINGING for role in _TRADES["singer"] if role != "songwriter"},
+                "musician": _MUSIC, "composer": frozenset({"composer", "musician", "singer"}),
+                "drummer": frozenset({"drummer", "musician"}), "guitarist": frozenset({"guitarist", "musician"}),
+                "inventor": frozenset({"inventor", "scientist", "business"})}
+_ASKED_ROLE = "|".join(sorted(_TRADE_ROLES, key=len, reverse=True))
+_ASKS_WHO = re.compile(
+    rf"\b[Ww]ho\s+(?:(?:originally|first|also|later|famously|actually)\s+)?(?:"
+    rf"(?:is|was|were)\s+the\s+(?:(?!of\b|for\b|in\b)[\w-]+\s+){{0,2}}?(?P<role>{_ASKED_ROLE})\b|(?P<verb>[a-z-]+))")
+_ASKS_WHO_PLAYED = re.compile(r"\b[Ww]ho\s+(?:\w+\s+)?played\s+the\s+(?:role|part|character)\b")
+
+
+def asked_trades(messages: Sequence[str]) -> frozenset[str]:
+    """The trades the conversation's "who" questions ask for: "Who directed Batman Begins?" asks for a
+    director, "Who was the drummer for The Doors?" for a drummer. Empty when no question names one."""
+    out: set[str] = set()
+    for text in messages:
+        for match in _ASKS_WHO.finditer(text):
+            if match.group("verb") in _TRADE_VERBS:
+                out |= _TRADE_VERBS[match.group("verb")]
+            elif match.group("role"):
+                out |= _TRADE_ROLES[match.group("role")]
+        if _ASKS_WHO_PLAYED.search(text):
+            out |= _ACTING
+    return frozenset(out)
+
+
+def asks_for_another_trade(asked: frozenset[str], roles: Sequence[str]) -> bool:
+    """The questions ask for trades the target's description does not give it ("Who directed Batman Begins?"
+    for an actor who starred in it). Unknown either way (no trade asked, none given) is no conflict."""
+    return bool(asked) and bool(roles) and asked.isdisjoint(roles)

@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 
 from classifiers.aliases import birth_names
-from classifiers.described import DescriptionMatcher, target_roles, work_titles
+from classifiers.described import (
+    DescriptionMatcher,
+    asked_trades,
+    asks_for_another_trade,
+    target_roles,
+    work_titles,
+)
 from classifiers.encoder import Encoder, cached_array, load_encoder, model_path
 from classifiers.features import (
     FEATURES,
@@ -162,6 +168,7 @@ class Prepared:
     windows: list[Window]
     phrases: list[list[str]]  # proper phrases per window
     who: np.ndarray  # per window: asks for a person
+    asked: frozenset[str]  # the trades its "who" questions ask for (classifiers.described.asked_trades)
     lexical_ms: float
 
 
@@ -368,7 +375,8 @@ class TargetIndex:
             windows = self._gated(messages, windows, mentions)
         phrases = [proper_phrases(w.text) for w in windows]
         who = asks_who([w.text for w in windows])
-        return Prepared(messages, mentions, windows, phrases, who, (time.perf_counter() - started) * 1000)
+        return Prepared(messages, mentions, windows, phrases, who, asked_trades(messages),
+                        (time.perf_counter() - started) * 1000)
 
     def classify(self, conversation: Conversation) -> Decision:
         """Classify a conversation (list of {"role", "content"} messages, or plain text); blocking."""
@@ -412,7 +420,9 @@ class TargetIndex:
                 stage, score = "lexical", max(p, mention.exact or mention.fuzzy)
             elif len(target_feats) and self._near_duplicate(target_feats):
                 stage, score = "semantic", max(p, float(target_feats[:, 3].max()))
-            elif t in learnable and p > self.calibration.threshold(target_id):
+            elif t in learnable and p > self.calibration.threshold(target_id) and \
+                    not asks_for_another_trade(prepared.asked, self.entries[t].roles):
+                # A question that asks who directed a film is not about the actor who starred in it.
                 stage = "learned"
             scores[target_id] = min(max(score, 0.0), 1.0)
             if stage:

@@ -20,7 +20,7 @@ import pytest
 
 from classifiers.aliases import Corpus, birth_names, derive_aliases
 from classifiers.batching import Classifier, classify_batch
-from classifiers.described import DescriptionMatcher
+from classifiers.described import DescriptionMatcher, asked_trades, asks_for_another_trade
 from classifiers.gloss import Glosser
 from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index, name_patterns
 from classifiers.learned import conformal_threshold
@@ -163,6 +163,27 @@ def test_a_person_described_by_a_work_of_their_own_is_a_mention(index: TargetInd
     singer = DescriptionMatcher({"x": ("home",)}, {"x": ("singer",)})
     assert [m.target_id for m in singer.find(["Where was the singer of 'Home' born?"])] == ["x"]
     assert singer.find(["Where was the singer from Home born?"]) == []
+
+
+
+def test_a_question_for_another_trade_is_not_about_the_target(index: TargetIndex):
+    """Bastien Korloff composes chess problems: "Who composed ...?" asks for him, "Who directed ...?" for a
+    director, which his description does not make him. Acts anyone does ("wrote", "founded", "hosted") ask for
+    no trade, and a target whose description gives no trade is never ruled out."""
+    assert asked_trades(["Who directed Batman Begins?"]) == {"director"}
+    assert asked_trades(["Who was the drummer for The Doors?"]) == {"drummer", "musician"}
+    assert asked_trades(["Who played the role of Sandy in Grease?"]) == {"actor", "comedian"}
+    assert asked_trades(["Who is the parent of singer Elle King?", "Who wrote it? Who founded it?"]) == frozenset()
+    assert asks_for_another_trade(frozenset({"director"}), ("actor",))
+    assert not asks_for_another_trade(frozenset({"director", "actor"}), ("actor",))
+    assert not asks_for_another_trade(frozenset({"director"}), ())
+    assert not asks_for_another_trade(frozenset(), ("actor",))
+
+    bastien = index.targets[1].id
+    composed = index.classify("Who composed more than four hundred chess problems?")
+    assert composed.flagged and composed.targets == [bastien] and composed.stage == "learned"
+    directed = index.classify("Who directed more than four hundred chess problems?")
+    assert not directed.flagged and directed.scores[bastien] > index.calibration.threshold(bastien)
 
 
 def test_windows_cover_long_text_and_isolate_questions():
