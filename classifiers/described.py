@@ -174,9 +174,9 @@ _ACTING = frozenset({"actor", "comedian"})
 _SINGING = frozenset({"singer", "rapper", "musician"})
 _MUSIC = frozenset({"singer", "rapper", "musician", "composer", "guitarist", "drummer"})
 # Acts and posts that belong to a trade: whoever "directed" a film, or was "the director" of it, is a director;
-# whoever "portrayed" a character acts. Acts and posts people of any trade take ("wrote" a memoir, "founded" a
-# charity, "produced" an album, "played" for a team, was "the host" of a show or "the author" of a book) say
-# nothing about the trade and are not here.
+# whoever "portrayed" a character acts. Acts and posts people of any trade take ("wrote" a memoir - but not a
+# screenplay -, "founded" a charity, "produced" an album, "played" for a team, was "the host" of a show or "the
+# author" of a book) say nothing about the trade and are not here.
 _TRADE_VERBS = {"directed": frozenset({"director"}), "co-directed": frozenset({"director"}), "portrayed": _ACTING,
                 "starred": _ACTING, "co-starred": _ACTING, "voiced": _ACTING, "sang": _SINGING,
                 "composed": frozenset({"composer", "musician", "singer"}),
@@ -190,7 +190,18 @@ _ASKED_ROLE = "|".join(sorted(_TRADE_ROLES, key=len, reverse=True))
 _ASKS_WHO = re.compile(
     rf"\b[Ww]ho\s+(?:(?:originally|first|also|later|famously|actually)\s+)?(?:"
     rf"(?:is|was|were)\s+the\s+(?:(?!of\b|for\b|in\b)[\w-]+\s+){{0,2}}?(?P<role>{_ASKED_ROLE})\b|(?P<verb>[a-z-]+))")
-_ASKS_WHO_PLAYED = re.compile(r"\b[Ww]ho\s+(?:\w+\s+)?played\s+the\s+(?:role|part|character)\b")
+# Phrases that name the work done: playing a role is acting, writing a screenplay is a writer's (or a writer-
+# director's) work, creating a television series a writer's, producer's, host's or comedian's.
+_ASKS_WHO_DID = (
+    (re.compile(r"\b[Ww]ho\s+(?:\w+\s+)?played\s+the\s+(?:role|part|character)\b"), _ACTING),
+    (re.compile(r"\b[Ww]ho\s+(?:\w+\s+)?(?:wrote|co-wrote|penned)\s+(?:the\s+)?(?:\w+\s+){0,2}?"
+                r"(?:screenplay|script|teleplay|film|movie)\b|\b[Ww]ho\s+(?:is|was|were)\s+the\s+(?:\w+\s+){0,2}?"
+                r"screenwriters?\b"), frozenset({"writer", "director"})),
+    (re.compile(r"\b[Ww]ho\s+(?:\w+\s+)?(?:created|co-created|developed)\s+(?:the\s+)?(?:[\w-]+\s+){0,3}?"
+                r"(?:series|show|sitcom)\b|\b[Ww]ho\s+(?:is|was|were|are)\s+the\s+(?:co-)?creators?\s+of\s+"
+                r"(?:the\s+)?(?:[\w-]+\s+){0,3}?(?:series|show|sitcom)\b"),
+     frozenset({"writer", "director", "producer", "comedian", "host", "journalist", "business"})),
+)
 
 
 def asked_trades(messages: Sequence[str]) -> frozenset[str]:
@@ -203,8 +214,9 @@ def asked_trades(messages: Sequence[str]) -> frozenset[str]:
                 out |= _TRADE_VERBS[match.group("verb")]
             elif match.group("role"):
                 out |= _TRADE_ROLES[match.group("role")]
-        if _ASKS_WHO_PLAYED.search(text):
-            out |= _ACTING
+        for pattern, trades in _ASKS_WHO_DID:
+            if pattern.search(text):
+                out |= trades
     return frozenset(out)
 
 

@@ -173,6 +173,8 @@ def test_a_question_for_another_trade_is_not_about_the_target(index: TargetIndex
     assert asked_trades(["Who directed Batman Begins?"]) == {"director"}
     assert asked_trades(["Who was the drummer for The Doors?"]) == {"drummer", "musician"}
     assert asked_trades(["Who played the role of Sandy in Grease?"]) == {"actor", "comedian"}
+    assert asked_trades(["Who wrote the screenplay for the film 'Scream 3'?"]) == {"writer", "director"}
+    assert "producer" in asked_trades(["Who created the American crime drama series Ozark?"])
     assert asked_trades(["Who is the parent of singer Elle King?", "Who wrote it? Who founded it?"]) == frozenset()
     assert asks_for_another_trade(frozenset({"director"}), ("actor",))
     assert not asks_for_another_trade(frozenset({"director", "actor"}), ("actor",))
