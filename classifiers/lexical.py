@@ -57,8 +57,10 @@ MIN_SOUND_CONSONANTS = 4  # a name's skeleton must be at least this long to be m
 SOUND_SCRIPTS = {"CYRILLIC": ("ru", "uk", "bg", "mk"), "DEVANAGARI": ("hi",)}
 _LETTER_RUN = regex.compile(r"[\p{L}\p{M}\p{N}]+")  # a word with its vowel signs (Devanagari writes them as marks)
 # English "j" is written "дж" (dzh) and "x" "кс" (ks); the Russian "й" folds to "y", a vowel here.
-_SOUND_DIGRAPHS = (("dzh", "j"), ("kh", "h"), ("ph", "f"), ("th", "t"), ("ck", "k"), ("sh", "s"), ("zh", "j"),
-                   ("x", "ks"))
+# English "qu" is /kv/ to the ear of Russian and Hindi ("Quidditch" is "Квиддич"), and the "t" of "tch" is silent
+# ("snitch" and "Квиддич" end in the same sound).
+_SOUND_DIGRAPHS = (("dzh", "j"), ("tch", "ch"), ("qu", "kv"), ("kh", "h"), ("ph", "f"), ("th", "t"), ("ck", "k"),
+                   ("sh", "s"), ("zh", "j"), ("x", "ks"))
 _SOUND_CLASSES = str.maketrans({"g": "h", "w": "v", "y": "i", "q": "k", "c": "k", "z": "s"})
 
 

@@ -119,7 +119,7 @@ def test_names_in_cyrillic_or_devanagari_match_by_sound_but_everyday_words_do_no
     from classifiers.lexical import sound_key
 
     assert sound_key("harry") == sound_key("garri") == "hr"  # "Гарри" folds to "garri"
-    matcher = LexicalMatcher({"hp": target_patterns("Harry Potter", ["Hermione", "Slughorn"])})
+    matcher = LexicalMatcher({"hp": target_patterns("Harry Potter", ["Hermione", "Slughorn", "Quidditch"])})
 
     def hits(text: str) -> list[tuple[str, str]]:
         return [(m.kind, text[m.start:m.end]) for m in matcher.find([text])]
@@ -128,6 +128,7 @@ def test_names_in_cyrillic_or_devanagari_match_by_sound_but_everyday_words_do_no
     assert hits("किस मंत्र का उपयोग हैरी पॉटर करते हैं?") == [("fuzzy", "हैरी पॉटर")]  # Devanagari, vowel signs kept
     assert hits("Мальчик стоял между Роном и Гермионой.") == [("fuzzy", "Гермионой")]  # inflected
     assert hits("Кого учил Слагхорна?") == [("fuzzy", "Слагхорна")]
+    assert hits("Во время матча по квиддичу он поймал мяч.") == [("fuzzy", "квиддичу")]  # "qu" is heard as "кв"
     walters = LexicalMatcher({"bw": target_patterns("Barbara Walters", [])})  # English w as Russian "у"
     assert [m.kind for m in walters.find(["Кого интервьюировала Барбара Уолтерс?"])] == ["fuzzy"]
     assert hits("Перед ними стоял огромный замок.") == []  # "огромный" sounds like Hermione but is a word
