@@ -186,6 +186,7 @@ _TRADE_ROLES = {"director": frozenset({"director"}), "filmmaker": frozenset({"di
                 "musician": _MUSIC, "composer": frozenset({"composer", "musician", "singer"}),
                 "drummer": frozenset({"drummer", "musician"}), "guitarist": frozenset({"guitarist", "musician"}),
                 "inventor": frozenset({"inventor", "scientist", "business"})}
+_WHO = re.compile(r"\b[Ww]ho\s")
 _ASKED_ROLE = "|".join(sorted(_TRADE_ROLES, key=len, reverse=True))
 _ASKS_WHO = re.compile(
     rf"\b[Ww]ho\s+(?:(?:originally|first|also|later|famously|actually)\s+)?(?:"
@@ -209,6 +210,8 @@ def asked_trades(messages: Sequence[str]) -> frozenset[str]:
     director, "Who was the drummer for The Doors?" for a drummer. Empty when no question names one."""
     out: set[str] = set()
     for text in messages:
+        if not _WHO.search(text):  # no "who" question: skip the patterns (most prompts)
+            continue
         for match in _ASKS_WHO.finditer(text):
             if match.group("verb") in _TRADE_VERBS:
                 out |= _TRADE_VERBS[match.group("verb")]
