@@ -13,7 +13,7 @@ written by hand: each language's 3,000 most frequent words (wordfreq's list, wit
 questions about people and their works in its inflected forms. No benchmark text went into them. Words outside
 them (domain terms: "hechizo", "заклинание") stay as written.
 
-A window is read as language L when at least ``MIN_FOREIGN`` of its lower-case words, and at least
+A window is read as language L when at least ``MIN_FOREIGN`` of its distinct lower-case words, and at least
 ``MIN_SHARE`` of them, are words of L's glossary that L uses more than English does (by wordfreq), so "Las Vegas"
 or a French loan word in an English prompt glosses nothing. Capitalised words are names and titles and stay as
 written, except where a sentence starts and, in German, nouns the glossary knows.
@@ -84,23 +84,20 @@ class Glosser:
         """The glosser of the packaged glossaries (built once per process: a few hundred ms of look-ups)."""
         return _packaged()
 
-    def language(self, text: str) -> str | None:
-        """The glossary language the text is written in, or None (English, or none of them)."""
-        # Capitalised words are names and titles; caseless scripts (Devanagari) count as lower case.
+    def _evidence(self, text: str) -> tuple[int, int, str]:
+        """(distinct lower-case words, hits of the best language, that language)."""
         if "'" in text or "’" in text:
             text = _ELISION.sub(r"\1 ", text)
         found = _ASCII_WORD.findall(text) if text.isascii() else _WORD.findall(text)
-        lower = [w for w in found if not w[0].isupper()]
-        if len(lower) < MIN_FOREIGN:
-            return None
-        best, best_hits = None, 0
-        for language, words in self.foreign.items():
-            hits = sum(1 for w in lower if w in words)
-            if hits > best_hits:
-                best, best_hits = language, hits
-        if best_hits < max(MIN_FOREIGN, MIN_SHARE * len(lower)):
-            return None
-        return best
+        # Capitalised words are names and titles; caseless scripts (Devanagari) count as lower case.
+        lower = {w for w in found if not w[0].isupper()}
+        hits, best = max((len(lower & words), language) for language, words in self.foreign.items())
+        return len(lower), hits, best
+
+    def language(self, text: str) -> str | None:
+        """The glossary language the text is written in, or None (English, or none of them)."""
+        words, hits, best = self._evidence(text)
+        return best if hits >= max(MIN_FOREIGN, MIN_SHARE * words) else None
 
     def gloss(self, text: str) -> str | None:
         """The word-by-word English gloss of ``text``, or None when it is not in a glossary language."""
@@ -122,11 +119,13 @@ class Glosser:
         glossed = re.sub(r"\s+", " ", "".join(out)).strip()
         return glossed if glossed and glossed != text.strip() else None
 
-    def windows(self, windows: Sequence[Window]) -> list[Window]:
-        """Glossed copies of the windows written in a glossary language (same message and characters)."""
+    def windows(self, messages: Sequence[str], windows: Sequence[Window]) -> list[Window]:
+        """Glossed copies of the windows written in a glossary language (same message and characters). A message
+        with fewer than ``MIN_FOREIGN`` foreign words in all is skipped whole: none of its windows can have more."""
+        candidates = {i for i, text in enumerate(messages) if self._evidence(text)[1] >= MIN_FOREIGN}
         out: list[Window] = []
         for window in windows:
-            glossed = self.gloss(window.text)
+            glossed = self.gloss(window.text) if window.message in candidates else None
             if glossed:
                 out.append(Window(window.message, window.start, window.end, glossed))
         return out

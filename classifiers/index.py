@@ -370,7 +370,7 @@ class TargetIndex:
         mentions = self.matcher.find(messages) + self.described.find(messages)
         windows = conversation_windows(messages)
         if self.glosser is not None:
-            windows += self.glosser.windows(windows)
+            windows += self.glosser.windows(messages, windows)
         if self.config.gate:
             windows = self._gated(messages, windows, mentions)
         phrases = [proper_phrases(w.text) for w in windows]
