@@ -8,7 +8,8 @@ installs offline, but the words that carry a question's intent - question words,
 "Who played to Henry Hill in the film Goodfellas?". The glossed window is encoded *beside* the original (same
 characters of the same message), never instead of it.
 
-The glossaries (``data/gloss/<lang>.tsv``: Spanish, French, German, Italian, Portuguese, Russian, Hindi) were
+The glossaries (``data/gloss/<lang>.tsv``: Spanish, French, German, Italian, Portuguese, Russian, Hindi,
+Chinese) were
 written by hand: each language's 3,000 most frequent words (wordfreq's list, without names) and the vocabulary of
 questions about people and their works in its inflected forms. No benchmark text went into them. Words outside
 them (domain terms: "hechizo", "заклинание") stay as written.
@@ -21,6 +22,7 @@ written, except where a sentence starts and, in German, nouns the glossary knows
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ FOREIGN_MARGIN = 0.5  # Zipf points a word must be more frequent in the language
 # Words with their combining marks (Devanagari writes vowel signs as marks), numbers, spaces, anything else.
 _WORD = regex.compile(r"[\p{L}\p{M}]+")
 _TOKEN = regex.compile(r"[\p{L}\p{M}]+|\d+|\s+|.")
+_HAN = regex.compile(r"\p{Han}")  # Chinese writes no spaces: jieba cuts it into words
 _ASCII_WORD = re.compile(r"[A-Za-z]+")  # the same words, faster, for ASCII text (most prompts)
 _ELISION = regex.compile(r"\b(\p{L}{1,5})['’](?=\p{L})")  # l'album, dell'anno, qu'il
 _SENTENCE_START = re.compile(r"(?:^|[.!?¿¡:;\"“«(]\s*)$")
@@ -88,7 +91,12 @@ class Glosser:
         """(distinct lower-case words, hits of the best language, that language)."""
         if "'" in text or "’" in text:
             text = _ELISION.sub(r"\1 ", text)
-        found = _ASCII_WORD.findall(text) if text.isascii() else _WORD.findall(text)
+        if text.isascii():
+            found = _ASCII_WORD.findall(text)
+        elif _HAN.search(text):
+            found = [t for t in _chinese_words(text) if _WORD.fullmatch(t)]
+        else:
+            found = _WORD.findall(text)
         # Capitalised words are names and titles; caseless scripts (Devanagari) count as lower case.
         lower = {w for w in found if not w[0].isupper()}
         hits, best = max((len(lower & words), language) for language, words in self.foreign.items())
@@ -106,6 +114,10 @@ class Glosser:
             return None
         glossary = self.glossaries[language]
         text = _ELISION.sub(r"\1 ", text)
+        if _HAN.search(text):  # words without spaces between them: glossed words get spaces
+            glossed = " ".join(glossary.get(token, token) for token in _chinese_words(text))
+            glossed = re.sub(r"\s+", " ", glossed).strip()
+            return glossed if glossed and glossed != text.strip() else None
         out: list[str] = []
         for match in _TOKEN.finditer(text):
             token = match.group(0)
@@ -134,3 +146,12 @@ class Glosser:
 @lru_cache(maxsize=1)
 def _packaged() -> Glosser:
     return Glosser.from_glossaries({language: load_glossary(language) for language in languages()})
+
+
+def _chinese_words(text: str) -> list[str]:
+    """Chinese text cut into words by jieba (the segmenter wordfreq uses for its Chinese word list, which the
+    glossary follows); other characters come back as their own tokens."""
+    import jieba  # imported on the first Chinese text only: its dictionary takes a moment to load
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba.lcut(text)

@@ -511,6 +511,8 @@ def test_windows_in_other_languages_are_also_encoded_as_english_glosses(index: T
     assert glosser.language("¿Quién dibujó la primera carta de la fosa Kessary en 1983?") == "es"
     assert glosser.language("Qui a dessiné la première carte de la fosse Kessary?") == "fr"
     assert glosser.language("Welcher Kartograf hat die erste Karte des Kessary-Grabens gezeichnet?") == "de"
+    assert glosser.language("这部电影的导演是谁？") == "zh"  # cut into words by jieba
+    assert {"director", "who"} <= set((glosser.gloss("这部电影的导演是谁？") or "").split())
     for english in ("Who retired from the Las Vegas residency at the Flamingo Las Vegas?",
                     "The die is cast, said Caesar, and he crossed the Rubicon.", "Who wrote 'La vie en rose'?"):
         assert glosser.language(english) is None and glosser.gloss(english) is None
