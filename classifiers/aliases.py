@@ -35,7 +35,7 @@ from itertools import zip_longest
 import regex
 from wordfreq import tokenize, zipf_frequency
 
-from classifiers.normalize import normalize, normalize_pattern
+from classifiers.normalize import MONTHS, normalize, normalize_pattern
 from gateway.registry.targets import MAX_ALIASES
 
 _WORD = regex.compile(r"[\p{L}\p{M}]+(?:[-'’][\p{L}\p{M}]+)*")
@@ -178,8 +178,6 @@ def derive_aliases(corpora: Iterable[Corpus], negatives: Sequence[str] = (), lim
 
 _NAME_WORD = r"[A-Z][\w'’.-]*\.?"
 _PERSON = rf"{_NAME_WORD}(?:\s+{_NAME_WORD}){{1,4}}"
-_MONTH_WORDS = {"January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-                "November", "December"}
 # "Carlos Irwin Estévez (born September 3, 1965), known professionally as Charlie Sheen"
 _KNOWN_AS = re.compile(rf"^(?P<birth>{_PERSON})\s*\([^)]*\)\s*,?\s*(?:known\s+professionally|better\s+known|"
                        rf"professionally\s+known|known)\s+as\s+(?P<name>{_PERSON})")
@@ -187,8 +185,6 @@ _KNOWN_AS = re.compile(rf"^(?P<birth>{_PERSON})\s*\([^)]*\)\s*,?\s*(?:known\s+pr
 _BORN_AS = re.compile(rf"(?P<subject>{_NAME_WORD}(?:,?\s+{_NAME_WORD}|\s+of\s+{_NAME_WORD}){{0,4}})\s*"
                       rf"(?:\(\s*(?:born|née|né)|was\s+born)\s+(?P<birth>{_PERSON})(?=\s*(?:[;,)]|on\b|in\b))")
 _SUFFIX_WORDS = {"Jr.", "Jr", "Sr.", "Sr", "II", "III", "IV"}
-
-
 _PRONUNCIATION = re.compile(r"[A-Z]{2,}-|ə")  # "Houghton HOH-tən": a pronunciation guide, not a name
 
 
@@ -209,7 +205,7 @@ def birth_names(name: str, texts: Iterable[str]) -> tuple[str, ...]:
                     continue
                 words = [w for w in match.group("birth").split() if w not in _SUFFIX_WORDS]
                 full = [w for w in words if len(w.rstrip(".")) > 1]  # initials are no name on their own
-                if len(full) < 2 or any(w in _MONTH_WORDS for w in words) or _PRONUNCIATION.search(" ".join(words)) \
+                if len(full) < 2 or any(w.lower() in MONTHS for w in words) or _PRONUNCIATION.search(" ".join(words)) \
                         or set(normalize_pattern(" ".join(words)).split()) <= own:
                     continue
                 found.add(" ".join(words))

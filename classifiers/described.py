@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from classifiers.lexical import Mention, everyday_word
-from classifiers.normalize import normalize_pattern
+from classifiers.normalize import MONTHS, normalize_pattern
 
 MAX_OWNERS = 2  # a title several targets' facts name identifies none of them
 MAX_TITLE_WORDS = 6
@@ -63,8 +63,6 @@ _DESCRIPTION = re.compile(
     rf"\b(?:[Tt]he|[Tt]his|[Tt]hat)\s+(?:[\w'’-]+\s+){{0,3}}?(?P<role>{_ROLE})\s+{_LINK}\s+(?:{_QUOTED}|(?P<run>{_RUN}))")
 _TITLE_IN_FACTS = re.compile(rf"{_QUOTED}|(?P<run>{_RUN})")
 _CONNECTORS = frozenset({"of", "the", "and", "in", "on", "a", "an", "to", "&", "for", "with"})
-_MONTHS = frozenset({"january", "february", "march", "april", "may", "june", "july", "august", "september",
-                     "october", "november", "december"})
 _ROLE_WORD = re.compile(r"[a-z]+(?:-[a-z]+)?")
 
 
@@ -72,7 +70,7 @@ def _title_key(title: str) -> str | None:
     """The normalised title, or None when it cannot identify a work (too short, a date or a number)."""
     key = normalize_pattern(title)
     words = key.split()
-    if len(key) < 4 or not words or len(words) > MAX_TITLE_WORDS or words[0] in _MONTHS:
+    if len(key) < 4 or not words or len(words) > MAX_TITLE_WORDS or words[0] in MONTHS:
         return None
     if all(w.isdigit() or w in _CONNECTORS for w in words):
         return None
@@ -171,21 +169,22 @@ class DescriptionMatcher:
 # -- the trade a question asks for --------------------------------------------------------------------------------
 
 _ACTING = frozenset({"actor", "comedian"})
+_DIRECTING = frozenset({"director"})
 _SINGING = frozenset({"singer", "rapper", "musician"})
+_COMPOSING = frozenset({"composer", "musician", "singer"})
+_INVENTING = frozenset({"inventor", "scientist", "business"})
 _MUSIC = frozenset({"singer", "rapper", "musician", "composer", "guitarist", "drummer"})
 # Acts and posts that belong to a trade: whoever "directed" a film, or was "the director" of it, is a director;
 # whoever "portrayed" a character acts. Acts and posts people of any trade take ("wrote" a memoir - but not a
 # screenplay -, "founded" a charity, "produced" an album, "played" for a team, was "the host" of a show or "the
 # author" of a book) say nothing about the trade and are not here.
-_TRADE_VERBS = {"directed": frozenset({"director"}), "co-directed": frozenset({"director"}), "portrayed": _ACTING,
-                "starred": _ACTING, "co-starred": _ACTING, "voiced": _ACTING, "sang": _SINGING,
-                "composed": frozenset({"composer", "musician", "singer"}),
-                "invented": frozenset({"inventor", "scientist", "business"})}
-_TRADE_ROLES = {"director": frozenset({"director"}), "filmmaker": frozenset({"director"}), "actor": _ACTING,
-                "actress": _ACTING, **{role: _SINGING for role in _TRADES["singer"] if role != "songwriter"},
-                "musician": _MUSIC, "composer": frozenset({"composer", "musician", "singer"}),
-                "drummer": frozenset({"drummer", "musician"}), "guitarist": frozenset({"guitarist", "musician"}),
-                "inventor": frozenset({"inventor", "scientist", "business"})}
+_TRADE_VERBS = {"directed": _DIRECTING, "co-directed": _DIRECTING, "portrayed": _ACTING, "starred": _ACTING,
+                "co-starred": _ACTING, "voiced": _ACTING, "sang": _SINGING, "composed": _COMPOSING,
+                "invented": _INVENTING}
+_TRADE_ROLES = {"director": _DIRECTING, "filmmaker": _DIRECTING, "actor": _ACTING, "actress": _ACTING,
+                **{role: _SINGING for role in _TRADES["singer"] if role != "songwriter"}, "musician": _MUSIC,
+                "composer": _COMPOSING, "drummer": frozenset({"drummer", "musician"}),
+                "guitarist": frozenset({"guitarist", "musician"}), "inventor": _INVENTING}
 _WHO = re.compile(r"\b[Ww]ho\s")
 _ASKED_ROLE = "|".join(sorted(_TRADE_ROLES, key=len, reverse=True))
 _ASKS_WHO = re.compile(

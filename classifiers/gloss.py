@@ -9,10 +9,9 @@ installs offline, but the words that carry a question's intent - question words,
 characters of the same message), never instead of it.
 
 The glossaries (``data/gloss/<lang>.tsv``: Spanish, French, German, Italian, Portuguese, Russian, Hindi,
-Chinese) were
-written by hand: each language's 3,000 most frequent words (wordfreq's list, without names) and the vocabulary of
-questions about people and their works in its inflected forms. No benchmark text went into them. Words outside
-them (domain terms: "hechizo", "заклинание") stay as written.
+Chinese) were written by hand: each language's 3,000 most frequent words (wordfreq's list, without names) and the
+vocabulary of questions about people and their works in its inflected forms. No benchmark text went into them.
+Words outside them (domain terms: "hechizo", "заклинание") stay as written.
 
 A window is read as language L when at least ``MIN_FOREIGN`` of its distinct lower-case words, and at least
 ``MIN_SHARE`` of them, are words of L's glossary that L uses more than English does (by wordfreq), so "Las Vegas"
@@ -28,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 import regex
 from wordfreq import zipf_frequency
@@ -148,10 +148,17 @@ def _packaged() -> Glosser:
     return Glosser.from_glossaries({language: load_glossary(language) for language in languages()})
 
 
-def _chinese_words(text: str) -> list[str]:
+@lru_cache(maxsize=4096)
+def _chinese_words(text: str) -> tuple[str, ...]:
     """Chinese text cut into words by jieba (the segmenter wordfreq uses for its Chinese word list, which the
-    glossary follows); other characters come back as their own tokens."""
+    glossary follows); other characters come back as their own tokens. Cached: a window is cut once for its
+    language check and reused for its gloss."""
+    return tuple(_jieba().lcut(text))
+
+
+@lru_cache(maxsize=1)
+def _jieba() -> Any:
     import jieba  # imported on the first Chinese text only: its dictionary takes a moment to load
 
     jieba.setLogLevel(logging.WARNING)
-    return jieba.lcut(text)
+    return jieba

@@ -23,6 +23,10 @@ from functools import lru_cache
 
 from anyascii import anyascii
 
+# Month names, folded: a capitalised run that starts with one is a date, not a title or a name.
+MONTHS = frozenset({"january", "february", "march", "april", "may", "june", "july", "august", "september",
+                    "october", "november", "december"})
+
 
 @dataclass(frozen=True, slots=True)
 class Normalized:

@@ -166,7 +166,6 @@ def test_a_person_described_by_a_work_of_their_own_is_a_mention(index: TargetInd
     assert singer.find(["Where was the singer from Home born?"]) == []
 
 
-
 def test_a_question_for_another_trade_is_not_about_the_target(index: TargetIndex):
     """Bastien Korloff composes chess problems: "Who composed ...?" asks for him, "Who directed ...?" for a
     director, which his description does not make him. Acts anyone does ("wrote", "founded", "hosted") ask for
