@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -142,10 +143,7 @@ class SQLiteTargetStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._connect()
             try:
-                # Switching the journal mode needs the database to itself and fails at once, without waiting,
-                # while another store writes; once a file is in WAL mode it stays so, so only switch when it is not.
-                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    conn.execute("PRAGMA journal_mode = WAL")
+                self._switch_to_wal(conn)
                 found = conn.execute("PRAGMA user_version").fetchone()[0]
                 if found > SCHEMA_VERSION:
                     raise StoreUnavailable(f"{self.path} has schema {found}, newer than this gateway's "
@@ -155,6 +153,19 @@ class SQLiteTargetStore:
             finally:
                 conn.close()
             self._initialised = True
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the file in WAL mode. Switching needs the database to itself and fails at once, without SQLite's
+        busy wait, while another store uses it - two stores opening a new file together race here - so it is
+        retried until the busy timeout; once a file is in WAL mode it stays so, so it is only switched when not."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(self._poll_interval_s)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._guard(self._reader.run(fn))
