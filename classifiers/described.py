@@ -44,7 +44,7 @@ _TRADES = {
     "athlete": ("athlete", "player", "sportsman", "sportswoman"),
     "ruler": ("ruler", "king", "queen", "emperor", "monarch"),
     "politician": ("politician", "statesman"),
-    "comedian": ("comedian", "comedienne"),
+    "comedian": ("comedian", "comedienne", "humorist"),
 }
 _TRADE_OF = {word: trade for trade, words in _TRADES.items() for word in words}
 SPECIFIC_ROLES = frozenset({
@@ -52,8 +52,13 @@ SPECIFIC_ROLES = frozenset({
     "philosopher", "scientist", "inventor", "composer", "journalist", "guitarist", "drummer", "dancer", "chef",
     "designer", "quarterback", "golfer", "champion", "activist"})
 _ROLE = "|".join(sorted(ANY_ROLE | SPECIFIC_ROLES, key=len, reverse=True))
-_LINK = (r"(?:(?:known|famous|renowned|celebrated|recognized|recognised|remembered|acclaimed|noted|beloved)\s+"
-         r"(?:for|from)(?:\s+(?:his|her|their|the))?|best\s+known\s+(?:for|from)|behind|from|of|in|"
+# "known for", "well-known for her role as", "famous for the hit": the link may name what the work is (a role, a
+# hit, a film) before the title, which still follows.
+_WORK_KIND = (r"role|roles|part|parts|portrayal|portrayals|performance|performances|work|hit|hits|song|songs|album|"
+              r"albums|book|books|film|films|show|series|character")
+_LINK = (r"(?:(?:(?:well|widely|best|internationally)[\s-])?(?:known|famous|famed|renowned|celebrated|recognized|"
+         r"recognised|remembered|acclaimed|noted|beloved)\s+(?:for|from)(?:\s+(?:his|her|their|the))?"
+         rf"(?:\s+(?:{_WORK_KIND})(?:\s+(?:as|in|on|of))?)?|behind|from|of|in|"
          r"who\s+(?:starred|played|portrayed|wrote|created|sang|directed|hosted|founded|voiced|appeared|led)"
          r"(?:\s+(?:in|on|as|for))?)")
 _CAPITALISED = r"[A-Z0-9][\w!&.:'’-]*"

@@ -151,6 +151,11 @@ def test_a_person_described_by_a_work_of_their_own_is_a_mention(index: TargetInd
     bastien = index.targets[1].id
     assert described("Which prize did the chess legend behind Echo Squares win?") == [
         (bastien, "the chess legend behind Echo Squares")]
+    # The link may say what kind of work the title is: "known for his work in", "famous for the study".
+    assert described("Where was the composer known for his work in 'The Silent Rook' born?") == [
+        (bastien, "the composer known for his work in 'The Silent Rook'")]
+    assert described("Did the chess legend well-known for Echo Squares marry?") == [
+        (bastien, "the chess legend well-known for Echo Squares")]
     assert described("Who was the director of The Silent Rook?") == []  # not his role
     assert described("Which composers of The Silent Rook are still alive?") == []
     assert described("The Composer of The Silent Rook is a play.") == []  # a title, not a description
