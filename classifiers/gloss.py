@@ -87,7 +87,7 @@ class Glosser:
         """The glosser of the packaged glossaries (built once per process: a few hundred ms of look-ups)."""
         return _packaged()
 
-    def _evidence(self, text: str) -> tuple[int, int, str]:
+    def _evidence(self, text: str) -> tuple[int, int, str | None]:
         """(distinct lower-case words, hits of the best language, that language)."""
         if "'" in text or "’" in text:
             text = _ELISION.sub(r"\1 ", text)
@@ -99,7 +99,8 @@ class Glosser:
             found = _WORD.findall(text)
         # Capitalised words are names and titles; caseless scripts (Devanagari) count as lower case.
         lower = {w for w in found if not w[0].isupper()}
-        hits, best = max((len(lower & words), language) for language, words in self.foreign.items())
+        hits, best = max(((len(lower & words), language) for language, words in self.foreign.items()),
+                         default=(0, None))
         return len(lower), hits, best
 
     def language(self, text: str) -> str | None:
