@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# Export the sentence encoder to ONNX, distil its static table and embed the generic negatives now, as the
 	# gateway image does at build time: on a slow CPU they take minutes, which the first server would otherwise
 	# spend before it answers (tests wait 60 s for a server).
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -c "from classifiers.encoder import load_encoder; from classifiers.index import build_index; e = load_encoder(); print('encoder caches ready:', e.encode(['warm up']).shape, e.static_embedder() is not None, build_index([], encoder=e).generic_vectors.shape)"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m classifiers.warm
 	touch $(STAMP)
 
 .PHONY: install demo test serve

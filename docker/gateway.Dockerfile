@@ -26,7 +26,7 @@ RUN pip install --no-cache-dir ".[otel]"
 # demo model load with the hub switched off.
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNLEARN_CACHE_DIR=/opt/unlearn/cache
 WORKDIR /
-RUN python -c "from classifiers.encoder import load_encoder; from classifiers.index import build_index; e = load_encoder(); print(e.encode(['warm up']).shape, e.static_embedder() is not None, build_index([], encoder=e).generic_vectors.shape)" \
+RUN python -m classifiers.warm \
  && python -c "from models import resolve_model_path; print(resolve_model_path('demo'))"
 
 FROM python:3.11.11-slim-bookworm AS runtime

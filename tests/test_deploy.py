@@ -295,7 +295,7 @@ def test_gateway_and_cpu_worker_images_are_cpu_and_offline():
         assert env["HF_HUB_OFFLINE"] == "1"
     gateway = parse_dockerfile(DOCKER / "gateway.Dockerfile")
     build_runs = " ".join(r.value for r in gateway[0].all("RUN"))
-    assert "load_encoder()" in build_runs  # the sentence encoder's ONNX export is baked in at build time
+    assert "python -m classifiers.warm" in build_runs  # the sentence encoder's ONNX export is baked in at build time
     assert gateway[-1].env()["UNLEARN_CACHE_DIR"] == gateway[0].env()["UNLEARN_CACHE_DIR"]
     assert 'pip install --no-cache-dir ".[otel]"' in build_runs
 
@@ -372,9 +372,9 @@ def _run_env(image_env: Mapping[str, str], tmp_path: Path, baked: Path | None = 
 @pytest.fixture(scope="module")
 def baked_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The gateway image's build step that bakes the encoder's ONNX export, run here the same way: the build
-    stage's RUN that loads the encoder, with its ENV, from WORKDIR /, this venv first on PATH."""
+    stage's RUN that warms the classifier caches, with its ENV, from WORKDIR /, this venv first on PATH."""
     build = parse_dockerfile(DOCKER / "gateway.Dockerfile")[0]
-    step = next(run.value for run in build.all("RUN") if "load_encoder" in run.value)
+    step = next(run.value for run in build.all("RUN") if "classifiers.warm" in run.value)
     folder = tmp_path_factory.mktemp("baked") / "cache"
     env = _load.clean_env() | {k: v for k, v in build.env().items() if k != "PATH"}
     env |= {"UNLEARN_CACHE_DIR": str(folder), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
