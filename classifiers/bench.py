@@ -12,9 +12,10 @@ Cells:
 Every prompt is generated fresh (random words), so the encoder's window cache never helps. The 10-target index
 is built normally. For the large index, encoding 500,000 exemplar texts would take the better part of an hour
 on two cores and measures nothing about classification, so its exemplar embeddings are synthetic: mixtures of
-real MiniLM embeddings of generated sentences plus noise (realistic norms and spread, no meaning). Names,
-patterns, the name automaton, the approximate search, training and calibration are all real. Query prompts
-are always encoded by the real encoder.
+real MiniLM embeddings of generated sentences plus noise (realistic norms and spread, no meaning), handed to the
+index's own ``build_entry`` in place of the encoder. Rows, names, patterns, static vectors, the name automaton,
+the approximate search, training and calibration are all real. Query prompts are always encoded by the real
+encoder.
 """
 
 from __future__ import annotations
@@ -25,18 +26,15 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from classifiers.batching import Classifier
-from classifiers.described import target_roles, work_titles
 from classifiers.encoder import Encoder, load_encoder
-from classifiers.gate import content_words
-from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_index, name_patterns, name_words
-from classifiers.semantic import KIND_DESCRIPTION, KIND_EXAMPLE, KIND_FACT, ExemplarBlock
-from classifiers.static import STATIC_DIM, static_embedder
+from classifiers.index import ClassifierConfig, TargetEntry, TargetIndex, build_entry, build_index
+from classifiers.static import static_embedder
 from gateway.registry.targets import Target
 
 _SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vor", "el", "dun", "shi", "ra", "bel", "qui", "no", "zar", "fen",
@@ -97,40 +95,34 @@ def _prompt(rng: random.Random, name: str | None, words: int = 150, question: st
     return " ".join(sentences) + " " + question
 
 
+class _MixtureEncoder:
+    """The encoder's stand-in for the large index's exemplars: each row a mixture of real MiniLM embeddings plus
+    noise (realistic norms and spread, no meaning). Everything else of an entry is built by ``build_entry``
+    itself - windows, reverse and related questions, variants, patterns and the real static rows."""
+
+    def __init__(self, encoder: Encoder, seed: int = 0) -> None:
+        self.name, self.dim = encoder.name, encoder.dim
+        self._encoder = encoder
+        self._rng = np.random.default_rng(seed)
+        pyrng = random.Random(seed)
+        self._base = encoder.encode([_prompt(pyrng, _name(pyrng), words=12) for _ in range(256)]).astype(np.float32)
+
+    def static_embedder(self) -> Any:
+        return static_embedder(self._encoder)  # real static vectors: they cost microseconds, unlike the encoder
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        k = len(texts)
+        a = self._base[self._rng.integers(0, len(self._base), k)]
+        b = self._base[self._rng.integers(0, len(self._base), k)]
+        v = a + 0.4 * b + 0.08 * self._rng.standard_normal(a.shape).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def _synthetic_entry_factory(encoder: Encoder, seed: int = 0) -> Callable[[Target, Encoder, ClassifierConfig, str],
                                                                           TargetEntry]:
-    """Entries whose embeddings are mixtures of real sentence embeddings (see module docstring)."""
-    rng = np.random.default_rng(seed)
-    pyrng = random.Random(seed)
-    base = encoder.encode([_prompt(pyrng, _name(pyrng), words=12) for _ in range(256)]).astype(np.float32)
-    static = static_embedder(encoder)  # real static vectors: they cost microseconds, unlike the encoder
-
-    def vectors(k: int) -> np.ndarray:
-        a = base[rng.integers(0, len(base), k)]
-        b = base[rng.integers(0, len(base), k)]
-        v = a + 0.4 * b + 0.08 * rng.standard_normal(a.shape).astype(np.float32)
-        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
-
-    def factory(target: Target, _encoder: Encoder, _config: ClassifierConfig, digest: str) -> TargetEntry:
-        kinds = np.array([KIND_DESCRIPTION] + [KIND_FACT] * len(target.facts) + [KIND_EXAMPLE] * len(target.examples),
-                         dtype=np.int8)
-        empty = np.zeros((0, encoder.dim), np.float16)
-        block = ExemplarBlock(vectors(len(kinds)), kinds, empty, empty)
-        first = 1 + len(target.facts)
-        positives = tuple((first + i, text) for i, text in enumerate(target.examples))
-        variants = tuple((row, text.replace(target.name, "someone")) for row, text in positives)
-        key = int(digest[:10], 16)
-        texts = [f"{target.name}. {target.description}", *target.facts, *target.examples]
-        words = tuple(sorted(content_words(texts)))
-        static_rows = static.embed(texts).astype(np.float16) if static is not None else \
-            np.zeros((0, STATIC_DIM), np.float16)
-        patterns = name_patterns(target)
-        return TargetEntry(target.id, digest, encoder.name, key, patterns, block,
-                           positives, variants, vectors(len(variants)), (), (), words, static_rows,
-                           name_words(target), work_titles([target.description, *target.facts], patterns.full),
-                           target_roles(target.description))
-
-    return factory
+    """``build_entry`` with the mixture encoder (see module docstring)."""
+    mixture = _MixtureEncoder(encoder, seed)
+    return lambda target, _encoder, config, digest: build_entry(target, mixture, config, digest)
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

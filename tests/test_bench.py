@@ -89,3 +89,36 @@ def test_percentile_interpolates():
     assert _load.percentile([], 50) is None
     assert _load.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert _load.percentile([0.0, 10.0], 99) == 9.9
+
+
+def test_classifier_bench_reports_every_cell():
+    from classifiers.bench import run_bench
+
+    report = run_bench(large=200, requests=6, concurrency=4)
+    json.dumps(report)
+    assert report["bench"] == "classifier" and report["config"]["large_targets"] == 200
+    metrics = report["metrics"]
+    for cell in ("latency_10_targets", "latency_10_targets_unnamed_questions", "latency_200_targets"):
+        assert metrics[cell]["n"] == 6 and 0 < metrics[cell]["p50_ms"] <= metrics[cell]["p99_ms"]
+    for cell in ("throughput_200_token_prompts", "throughput_short_questions"):
+        assert metrics[cell]["per_second"] > 0 and metrics[cell]["prompts"] >= 320
+    assert metrics["p50_ratio_large_vs_10"] > 0 and metrics["large_index_build_seconds"] > 0
+
+
+def test_classifier_bench_builds_its_large_targets_like_real_ones():
+    """The large index's entries come from the index's own ``build_entry``: only the embeddings are synthetic."""
+    from classifiers.bench import _synthetic_entry_factory, synthetic_targets
+    from classifiers.encoder import load_encoder
+    from classifiers.index import ClassifierConfig, build_entry, target_digest
+
+    encoder, config = load_encoder(), ClassifierConfig()
+    target = synthetic_targets(1, seed=5)[0]
+    digest = target_digest(target)
+    real = build_entry(target, encoder, config, digest)
+    synthetic = _synthetic_entry_factory(encoder, seed=5)(target, encoder, config, digest)
+    assert synthetic.positives == real.positives and synthetic.variants == real.variants
+    assert synthetic.related_texts == real.related_texts and synthetic.vocabulary == real.vocabulary
+    assert (synthetic.block.kinds == real.block.kinds).all()
+    assert synthetic.block.vectors.shape == real.block.vectors.shape
+    assert (synthetic.static_rows == real.static_rows).all()  # the gate's static vectors are the real ones
+    assert not (synthetic.block.vectors == real.block.vectors).all()

@@ -22,7 +22,15 @@ from classifiers.aliases import Corpus, birth_names, derive_aliases
 from classifiers.batching import Classifier, classify_batch
 from classifiers.described import DescriptionMatcher, asked_trades, asks_for_another_trade
 from classifiers.gloss import Glosser
-from classifiers.index import ClassifierConfig, IndexBuilder, TargetIndex, build_index, name_patterns
+from classifiers.index import (
+    ClassifierConfig,
+    IndexBuilder,
+    TargetIndex,
+    build_index,
+    name_patterns,
+    pack_unit_rows,
+    unpack_unit_rows,
+)
 from classifiers.learned import conformal_threshold
 from classifiers.lexical import LexicalMatcher, target_patterns
 from classifiers.normalize import normalize
@@ -331,6 +339,20 @@ def test_gate_select_decides_as_candidates_then_closest(index: TargetIndex, monk
                                                    >= gate.threshold))
         assert gate.select(texts, [False] * len(texts), exclude) == expected
     assert gate.select(texts, [True] * len(texts), set()) == [True] * len(texts)
+
+
+def test_training_variants_kept_as_int8_lose_almost_nothing(index: TargetIndex):
+    """Variant embeddings are stored as int8 to halve their memory; unpacked, they must still be the same
+    unit rows, so the learned stage trains on what float16 would have given it."""
+    entry = next(e for e in index.entries if len(e.variants))
+    assert entry.variant_vectors.dtype == np.int8 and len(entry.variant_vectors) == len(entry.variants)
+    texts = [text for _, text in entry.variants]
+    exact = index.encoder.encode(texts)
+    unpacked = unpack_unit_rows(entry.variant_vectors)
+    assert np.allclose(np.linalg.norm(unpacked, axis=1), 1.0, atol=1e-5)
+    assert (unpacked * exact).sum(axis=1).min() > 0.9995
+    assert np.abs(unpacked @ exact.T - exact @ exact.T).max() < 0.003
+    assert (unpack_unit_rows(pack_unit_rows(-exact)) * -exact).sum(axis=1).min() > 0.9995
 
 
 def test_features_of_many_targets_at_once_equal_each_target_alone(index: TargetIndex):
