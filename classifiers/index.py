@@ -318,6 +318,7 @@ def pack_unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def unpack_unit_rows(packed: np.ndarray) -> np.ndarray:
+    """``pack_unit_rows``'s rows back as unit-length float32."""
     rows = packed.astype(np.float32)
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
@@ -546,8 +547,9 @@ class TargetIndex:
         # that share a topic with a target (a film, a band, a co-author) without asking about it.
         for t, entry in enumerate(self.entries):
             if t in chosen_set or len(self.entries) <= self.config.max_train_targets:
-                for (_, text), vec in list(zip(entry.variants, unpack_unit_rows(entry.variant_vectors)))[
-                        : self.config.max_positives_per_target]:
+                k = self.config.max_positives_per_target
+                for (_, text), vec in zip(entry.variants[:k], unpack_unit_rows(entry.variant_vectors[:k]),
+                                          strict=True):
                     items.append({"vec": vec, "text": text, "label": 0, "own": t, "cross": True})
         for g, text in enumerate(self.generic_texts):
             items.append({"vec": self.generic_vectors[g], "text": text, "label": 0, "own": -1, "generic": g})

@@ -13,10 +13,11 @@ def warm_caches() -> str:
     """Build every cached artefact of the default encoder; a one-line summary of what is ready."""
     from classifiers.encoder import load_encoder
     from classifiers.index import build_index
+    from classifiers.static import static_embedder
 
     encoder = load_encoder()
     window = encoder.encode(["warm up"]).shape
-    static = encoder.static_embedder() is not None
+    static = static_embedder(encoder) is not None
     generic = build_index([], encoder=encoder).generic_vectors.shape
     return f"encoder caches ready: {encoder.name} {window}, static table {static}, generic negatives {generic}"
 
