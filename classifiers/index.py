@@ -88,6 +88,7 @@ class ClassifierConfig:
     fpr: float = 0.01  # conformal false-positive bound of the learned stage
     candidates_per_window: int = 5
     learned_rank: int = 2  # the learned stage decides only a window's best few targets
+    secondary: bool = True  # ... except for more targets of a prompt already flagged (``TargetIndex.decide``)
     keep_min: float = 0.8  # a keep prompt this similar ...
     keep_margin: float = 0.05  # ... and this much closer than the target's own rows overrides a name match
     near_duplicate: float = 0.95  # semantic stage: cosine to an example prompt
@@ -445,6 +446,14 @@ class TargetIndex:
             scores[target_id] = min(max(score, 0.0), 1.0)
             if stage:
                 fired[target_id] = stage
+        if fired and self.config.secondary:
+            # Once the prompt is flagged, another target past its own threshold joins even outside a window's best
+            # few: whether the prompt is flagged no longer depends on it, only whose facts the policy protects.
+            for i, t in enumerate(pool_targets):
+                target_id = self.ids[t]
+                if target_id not in fired and probs[i] > self.calibration.threshold(target_id) and \
+                        not asks_for_another_trade(prepared.asked, self.entries[t].roles):
+                    fired[target_id] = "learned"
         flagged = sorted(fired, key=lambda t: (-scores[t], t))
         stage = min((fired[t] for t in flagged), key=STAGES.index, default="none")
         spans = sorted({(m.message, m.start, m.end, m.target_id) for m in prepared.mentions if m.target_id in fired})

@@ -14,7 +14,8 @@ Why this design:
   "album" is not "Albus"): found as 3 of our 214 everyday prompts flagged by derived Harry Potter aliases.
 - A two-word name also matches with one or two capitalised middle names in between ("Stephen Edwin King").
 - Besides full names, a target's distinctive surname is a *partial* mention: on its own it is only evidence
-  (several targets can share "Perry"), which the learned stage weighs; a full name or alias flags.
+  (several targets can share "Perry"), which the learned stage weighs; a full name or alias flags. The one-word
+  head of a titled name ("Meghan" of "Meghan, Duchess of Sussex") is partial in the same way.
 - A name written in another alphabet is spelt by ear, not letter by letter: "Гарри Поттер" folds to "garri
   potter", two letters off "harry potter", "हैरी पॉटर" to "hairi potr", and "Гермионой" (an inflected
   Hermione) to "germionoy". Words of Cyrillic and Devanagari text are therefore also compared by their
@@ -130,7 +131,10 @@ def target_patterns(name: str, aliases: Iterable[str], birth_names: Iterable[str
     for raw in (name, *aliases):
         tokens = [t for t in normalize_pattern(re.sub(r"\([^)]*\)", " ", raw.split(",", 1)[0])).split()
                   if t not in _SUFFIXES]
-        if len(tokens) >= 2 and len(tokens[-1]) >= MIN_PARTIAL_TOKEN:
+        # A titled name's one-word head is what people call the person ("Meghan" of "Meghan, Duchess of
+        # Sussex"): evidence like a surname, since others share it.
+        titled = len(tokens) == 1 and "," in raw
+        if (len(tokens) >= 2 or titled) and len(tokens[-1]) >= MIN_PARTIAL_TOKEN:
             partial.add(tokens[-1])
     partial -= full
     return TargetPatterns(tuple(sorted(full)), tuple(sorted(partial)))

@@ -8,11 +8,13 @@ which reads it from the data folder at run time.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from classifiers.index import (
     pack_unit_rows,
     unpack_unit_rows,
 )
-from classifiers.learned import conformal_threshold
+from classifiers.learned import Calibration, conformal_threshold
 from classifiers.lexical import LexicalMatcher, target_patterns
 from classifiers.normalize import normalize
 from classifiers.windows import conversation_windows, message_windows
@@ -121,6 +123,17 @@ def test_lexical_other_scripts_and_partial_names():
     matcher = LexicalMatcher({t.id: target_patterns(t.name, t.aliases) for t in TARGETS})
     found = matcher.find(["Расскажите о духах, которые создала Мирей Дантаньяк.", "Was Korloff a composer?"])
     assert [(m.message, m.kind, m.target_id) for m in found] == [(0, "exact", MIREILLE.id), (1, "partial", BASTIEN.id)]
+
+
+def test_a_titled_names_one_word_head_is_a_partial_name():
+    """"Ysolde, Margravine of Tressel" is called Ysolde: like a surname, evidence but not a name match on its own
+    (others share it); a multi-word head keeps its surname rule."""
+    titled = target_patterns("Ysolde, Margravine of Tressel", [])
+    assert titled.partial == ("ysolde",) and "ysolde margravine of tressel" in titled.full
+    assert target_patterns("Prince Aldric Venn, Duke of Morrow", []).partial == ("venn",)
+    assert target_patterns("Ysolde", []).partial == ()  # a one-word name is a full name already
+    matcher = LexicalMatcher({"y": titled})
+    assert [m.kind for m in matcher.find(["What did Ysolde study?"])] == ["partial"]
 
 
 def test_names_in_cyrillic_or_devanagari_match_by_sound_but_everyday_words_do_not():
@@ -260,6 +273,22 @@ def test_keep_prompt_overrides_a_name_match(index: TargetIndex):
     # ... but asking about the target herself is flagged.
     decision = index.classify("In which year did Orla Vantremont chart the Kessary Trench?")
     assert decision.flagged and decision.stage == "lexical"
+
+
+def test_a_flagged_prompt_also_flags_other_targets_past_their_threshold(index: TargetIndex):
+    """Whether a prompt is flagged is decided by each window's best few targets; once it is, every other target
+    past its own threshold joins, so the policy protects its facts too. (learned_rank 0 leaves only named
+    targets to the learned stage; the tiny index has too few negatives to calibrate, so a threshold is set.)"""
+    strict = copy.copy(index)
+    strict.calibration = Calibration(0.01, 0.9)
+    both = "Where was Orla Vantremont born? Also, how many chess problems did the editor of Echo Squares compose?"
+    for secondary, expected in ((False, [ORLA.id]), (True, [ORLA.id, BASTIEN.id])):
+        strict.config = replace(index.config, learned_rank=0, secondary=secondary)
+        decision = strict.classify(both)
+        assert decision.scores[BASTIEN.id] > 0.9
+        assert decision.targets == expected and decision.stage == "lexical"
+        # An unflagged prompt stays unflagged: the rule never decides whether a prompt is flagged.
+        assert not strict.classify("How many chess problems did the editor of Echo Squares compose?").flagged
 
 
 def test_a_name_decides_without_the_encoder_unless_the_target_has_keep_prompts(index: TargetIndex):
