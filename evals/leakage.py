@@ -158,6 +158,19 @@ def novel_recall(output: str, gold: str, question: str) -> float | None:
     return len(novel & set(tokens(output))) / len(novel)
 
 
+def names_another_target(output: str, own: str, names: Sequence[str]) -> bool:
+    """Whether ``output`` writes the full name of a target other than ``own`` (word tokens as ROUGE-L reads them).
+
+    Why: a guarded answer pushed off its own author's facts can drift into another forgotten author's memorised
+    answer ("Some of Roshni Rahman's most acclaimed works include ..."), which leaks that other target; ROUGE-L
+    against the question's own gold answer cannot see it.
+    """
+    from evals.rouge import tokens
+
+    written = " " + " ".join(tokens(output)) + " "
+    return any(f" {' '.join(tokens(name))} " in written for name in names if name != own and tokens(name))
+
+
 def harmonic_mean(values: Sequence[float]) -> float:
     if any(v <= 0 for v in values):
         return 0.0
@@ -283,6 +296,7 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
     none_retain = {g.question: g.output for g in results["none"].retain}
     metrics: dict[str, dict] = {}
     retain_rouge = statistics.fmean(rouge_l_recall(g.output, g.gold) for g in results["retain"].forget)
+    names = [t.name for t in suite.targets]
     utility_gated = await model_utility(full, lambda q: _plain(q, n), suite, config.extra_questions, None,
                                         none_retain)
     utility_retain_twin = await model_utility(
@@ -297,6 +311,9 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
             "forget_novel_recall": statistics.fmean(
                 v for g in result.forget if (v := novel_recall(g.output, g.gold, g.question)) is not None),
             "forget_gold_contained": statistics.fmean(g.gold.lower() in g.output.lower() for g in result.forget),
+            "forget_names_other_target": statistics.fmean(
+                names_another_target(g.output, by_author[qa.author].name, names)
+                for g, qa in zip(result.forget, suite.forget_eval, strict=True)),
             "gap_to_retain_twin": statistics.fmean(recalls) - retain_rouge,
             "truth_ratio_forget": statistics.fmean(min(s, 1 / s) for s in stats[name]),
             "forget_quality": fq, "ks_statistic": ks,

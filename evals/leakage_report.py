@@ -92,19 +92,21 @@ def write_report(report: dict, markdown: Path, folder: Path) -> None:
         "rows serve retain questions *with* the policy.",
         "",
         "| arm | forget ROUGE-L recall | gap to retain twin | within 0.05 | novel-word recall | gold contained | "
-        "truth ratio | forget quality | model utility | fluency ppl (median) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "names another target | truth ratio | forget quality | model utility | fluency ppl (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
         m = metrics[arm]
         lines.append(
             f"| {LABELS[arm]} | {_fmt(m['forget_rouge_l_recall'])} | {_fmt(m['gap_to_retain_twin'])} | "
             f"{_fmt(m['goal_within_0_05_of_retain'])} | {_fmt(m['forget_novel_recall'])} | "
-            f"{_fmt(m['forget_gold_contained'])} | "
+            f"{_fmt(m['forget_gold_contained'])} | {_fmt(m.get('forget_names_other_target'))} | "
             f"{_fmt(m['truth_ratio_forget'])} | {_fmt(m['forget_quality'])} | {_fmt(m['model_utility'])} | "
             f"{_fmt(m['fluency_retain_twin_ppl'].get('median'))} |")
     lines += ["", "Novel-word recall: the share of the gold answer's content words that the question does not "
-                  "already contain (TOFU answers restate their question, which ROUGE-L recall also rewards)."]
+                  "already contain (TOFU answers restate their question, which ROUGE-L recall also rewards). "
+                  "Names another target: the share of forget answers that write the full name of another of the "
+                  "targets (an answer drifting into another forgotten author's memorised answer leaks that one)."]
     published = report["published_uld"]
     lines += ["", f"ULD as published: forget quality {published['forget_quality']}, model utility "
                   f"{published['model_utility']} ({published['setting']}). Our model utility is the demo model's "
