@@ -37,6 +37,7 @@ from gateway.engines.local import LocalEngine
 from gateway.engines.policy import PolicyKit, local_kit
 from gateway.registry.targets import EcoPolicy, GuardPolicy, Target, UldPolicy
 from gateway.reports import write_json_report
+from gateway.unlearning import nearby_names
 from models.assistant import AssistantRecipe
 from policies.eco import EcoParams
 from policies.guard import GuardParams, generic_words
@@ -100,8 +101,9 @@ class Arms:
     name spans, ``uld-paper`` decodes with ULD's relative-top rule alone (no ``min_keep``).
     """
 
-    def __init__(self, kit: PolicyKit, assistant: str):
+    def __init__(self, kit: PolicyKit, assistant: str, targets: Sequence[Target] = ()):
         self.kit = kit
+        self.targets = list(targets)  # the active target set: GUARD also forbids the other targets' names
         self.assistant = assistant
         self.eco_policy = EcoPolicy()
         self.eco = EcoParams.from_policy(self.eco_policy)
@@ -122,7 +124,9 @@ class Arms:
         if arm == "eco-entity":  # the author's name occurrences are the flagged spans (a lexical classifier's)
             return self.kit.eco(request, names, self.eco, scope="entity")
         if arm == "guard":
-            return self.kit.guard_processor_request(request, [t.facts for t in flagged], self.guard)
+            nearby = nearby_names(self.targets, flagged, {})  # as served (gateway.unlearning.Unlearner.apply)
+            facts = [list(t.facts) or [t.name] for t in flagged] + [[name] for name in nearby]
+            return self.kit.guard_processor_request(request, facts, self.guard)
         if arm in ("uld", "uld-paper"):
             return self.kit.uld_request(request, self.assistant, self.uld_for(arm))
         raise ValueError(f"unknown arm {arm!r}")
@@ -258,7 +262,7 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
     kit = local_kit(full, lambda: encoder, generic_words([t.facts for t in suite.targets]))
     encode = kit.guard.encode_sentences
     assistant = _ensure_assistant(config, suite, progress) if "uld" in config.arms else ""
-    arms = Arms(kit, assistant)
+    arms = Arms(kit, assistant, suite.targets)
     n = config.max_new_tokens
     results: dict[str, ArmResult] = {}
 

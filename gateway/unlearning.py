@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,6 +62,7 @@ class Verdict:
     spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # message index -> char spans
     unclassified: str | None = None  # why classification could not run, when fail_mode="refuse" answered for it
     generic: frozenset[str] = frozenset()  # GUARD's generic words of the target set the request was judged on
+    nearby: tuple[str, ...] = ()  # names of the other active targets GUARD also forbids (``nearby_names``)
 
     @property
     def header(self) -> str:
@@ -75,6 +76,22 @@ class Verdict:
 
 
 CLEAN = Verdict()
+NEARBY_ALL = 64  # up to this many other active targets, GUARD forbids all their names; beyond, the nearest ones
+
+
+def nearby_names(active: Sequence[Target], matched: Sequence[Target], scores: Mapping[str, float]) -> tuple[str, ...]:
+    """Names of the other enabled targets that a GUARD answer must not drift into.
+
+    Why: pushed off its own target's facts, the model falls back on other memorised answers, and those may be
+    another forgotten target's ("Some of Roshni Rahman's most acclaimed works ..." in an answer about another
+    author: 21% of GUARD's answers to the TOFU targets' training examples named another target, 0% with this).
+    With few targets all their names are forbidden; with many, those the classifier scored for this prompt (its
+    nearest candidates)."""
+    mine = {t.id for t in matched}
+    others = [t for t in active if t.enabled and t.id not in mine]
+    if len(others) > NEARBY_ALL:
+        others = sorted((t for t in others if t.id in scores), key=lambda t: -scores[t.id])[:NEARBY_ALL]
+    return tuple(t.name for t in others)
 
 
 def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
@@ -145,7 +162,8 @@ class Unlearner:
         spans: dict[int, list[tuple[int, int]]] = {}
         for message_index, start, end, _ in decision.spans:
             spans.setdefault(message_index, []).append((start, end))
-        return Verdict(True, method, targets, spans, generic=active.indexes.get(GUARD_GENERIC_INDEX, frozenset()))
+        return Verdict(True, method, targets, spans, generic=active.indexes.get(GUARD_GENERIC_INDEX, frozenset()),
+                       nearby=nearby_names(active.targets, targets, decision.scores))
 
     def effective_method(self, target: Target) -> str:
         if self.kit is None:  # no tokenizer or embeddings of the served model: refusing is all that is safe
@@ -171,7 +189,7 @@ class Unlearner:
         if verdict.method == "uld":
             return self.kit.uld_request(request, policy.adapter, UldParams.from_policy(policy))
         # GUARD, and ECO on raw completions (no messages to corrupt): forbid the facts' tokens.
-        facts = [list(t.facts) or [t.name] for t in verdict.targets]
+        facts = [list(t.facts) or [t.name] for t in verdict.targets] + [[name] for name in verdict.nearby]
         guard_policy = policy if policy.method == "guard" else None
         params = GuardParams.from_policy(guard_policy) if guard_policy is not None else GuardParams()
         if self.engine_kind == "local":

@@ -9,6 +9,7 @@ embedded store behind the admin API, uvicorn on loopback.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import httpx
@@ -68,7 +69,9 @@ def test_the_served_guard_forbids_what_the_evaluated_guard_forbids(demo_engine, 
         assert {"novels", "prize"} <= generic
         classifier = active.indexes["classifier"]
         evaluated_kit = local_kit(demo_engine, lambda: classifier.encoder, generic)
-        evaluated = evaluated_kit.guard.tables(QUESTION, [AUTHORS["Carmen Montenegro"]], GuardParams())
+        others = [[name] for name in AUTHORS if name != "Carmen Montenegro"]
+        assert sorted(verdict.nearby) == sorted(name for (name,) in others)
+        evaluated = evaluated_kit.guard.tables(QUESTION, [AUTHORS["Carmen Montenegro"], *others], GuardParams())
         for name in ("static", "prefixes", "care", "next_tokens", "continuation"):
             assert torch.equal(getattr(served, name), getattr(evaluated, name)), name
 
@@ -77,9 +80,29 @@ def test_the_served_guard_forbids_what_the_evaluated_guard_forbids(demo_engine, 
         tokenizer = demo_engine.main.tokenizer
         novels = tokenizer(" novels", add_special_tokens=False)["input_ids"]
         assert len(novels) == 1 and served.static[novels[0]] == 0
+        # The other targets' names are forbidden too: a guarded answer must not drift into another target's.
+        processor = unlearner.apply(verdict, request).logits_processors[-1]
+        for name in (" Drummond", " Carmen Montenegro"):
+            ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+            logits = processor([], ids[:-1], torch.zeros(served.vocab_size))
+            assert logits[ids[-1]] == -math.inf, name
+        (the,) = tokenizer(" the", add_special_tokens=False)["input_ids"]
+        assert processor([], [], torch.zeros(served.vocab_size))[the] == 0
         penalties = set(served.static[served.static > 0].unique().tolist())
         assert GuardParams().semantic_penalty in penalties
         nearest = evaluated_kit.guard.nearest_facts(QUESTION, AUTHORS["Carmen Montenegro"], GuardParams().top_facts)
         assert len(nearest) == 3 and AUTHORS["Carmen Montenegro"][0] in nearest
     finally:
         server.stop()
+
+
+def test_guard_forbids_every_other_targets_name_or_with_many_targets_the_nearest():
+    from gateway.registry.targets import Target
+    from gateway.unlearning import NEARBY_ALL, nearby_names
+
+    few = [Target(name=f"Author Number{i}") for i in range(5)]
+    disabled = Target(name="Author Disabled", enabled=False)
+    assert nearby_names([*few, disabled], few[:1], {}) == tuple(t.name for t in few[1:])
+    many = [Target(name=f"Author Number{i}") for i in range(NEARBY_ALL + 10)]
+    scores = {many[3].id: 0.2, many[7].id: 0.9, many[0].id: 1.0}
+    assert nearby_names(many, many[:1], scores) == (many[7].name, many[3].name)
