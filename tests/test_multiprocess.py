@@ -33,6 +33,9 @@ def poll_pids(url: str, *, path: str = "/ready", headers: dict | None = None, un
     while len(answers) < WORKERS:
         assert time.monotonic() < deadline, f"{url}: only pids {sorted(answers)} answered in time"
         response = httpx.get(url + path, headers=headers or {}, timeout=5)
+        if path == "/ready" and response.status_code == 503 and not response.json()["targets"]["loaded"]:
+            time.sleep(0.05)  # the server waited for one worker; another may still be loading its targets
+            continue
         assert response.status_code == 200, response.text
         body = response.json()
         version = body.get("targets_version", body.get("active_version"))
