@@ -37,7 +37,7 @@ from gateway.engines.local import LocalEngine
 from gateway.engines.policy import PolicyKit, local_kit
 from gateway.registry.targets import EcoPolicy, GuardPolicy, Target, UldPolicy
 from gateway.reports import write_json_report
-from gateway.unlearning import nearby_names
+from gateway.unlearning import guard_fact_groups, nearby_names
 from models.assistant import AssistantRecipe
 from policies.eco import EcoParams
 from policies.guard import GuardParams, generic_words
@@ -124,8 +124,7 @@ class Arms:
         if arm == "eco-entity":  # the author's name occurrences are the flagged spans (a lexical classifier's)
             return self.kit.eco(request, names, self.eco, scope="entity")
         if arm == "guard":
-            nearby = nearby_names(self.targets, flagged, {})  # as served (gateway.unlearning.Unlearner.apply)
-            facts = [list(t.facts) or [t.name] for t in flagged] + [[name] for name in nearby]
+            facts = guard_fact_groups(flagged, nearby_names(self.targets, flagged, {}))  # as served
             return self.kit.guard_processor_request(request, facts, self.guard)
         if arm in ("uld", "uld-paper"):
             return self.kit.uld_request(request, self.assistant, self.uld_for(arm))

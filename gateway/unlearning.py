@@ -94,6 +94,12 @@ def nearby_names(active: Sequence[Target], matched: Sequence[Target], scores: Ma
     return tuple(t.name for t in others)
 
 
+def guard_fact_groups(matched: Sequence[Target], nearby: Sequence[str]) -> list[list[str]]:
+    """GUARD's fact groups: each matched target's facts (its name when it has none), and each nearby name alone.
+    The gateway and ``eval leakage`` both build GUARD from this, so what is evaluated is what is served."""
+    return [list(t.facts) or [t.name] for t in matched] + [[name] for name in nearby]
+
+
 def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": message_text(m)} for m in messages]
 
@@ -162,8 +168,10 @@ class Unlearner:
         spans: dict[int, list[tuple[int, int]]] = {}
         for message_index, start, end, _ in decision.spans:
             spans.setdefault(message_index, []).append((start, end))
+        # Only GUARD's forbidden set uses the nearby names (ECO too, on raw completions: see ``apply``).
+        nearby = nearby_names(active.targets, targets, decision.scores) if method in ("guard", "eco") else ()
         return Verdict(True, method, targets, spans, generic=active.indexes.get(GUARD_GENERIC_INDEX, frozenset()),
-                       nearby=nearby_names(active.targets, targets, decision.scores))
+                       nearby=nearby)
 
     def effective_method(self, target: Target) -> str:
         if self.kit is None:  # no tokenizer or embeddings of the served model: refusing is all that is safe
@@ -189,7 +197,7 @@ class Unlearner:
         if verdict.method == "uld":
             return self.kit.uld_request(request, policy.adapter, UldParams.from_policy(policy))
         # GUARD, and ECO on raw completions (no messages to corrupt): forbid the facts' tokens.
-        facts = [list(t.facts) or [t.name] for t in verdict.targets] + [[name] for name in verdict.nearby]
+        facts = guard_fact_groups(verdict.targets, verdict.nearby)
         guard_policy = policy if policy.method == "guard" else None
         params = GuardParams.from_policy(guard_policy) if guard_policy is not None else GuardParams()
         if self.engine_kind == "local":
