@@ -79,19 +79,22 @@ CLEAN = Verdict()
 NEARBY_ALL = 64  # up to this many other active targets, GUARD forbids all their names; beyond, the nearest ones
 
 
-def nearby_names(active: Sequence[Target], matched: Sequence[Target], scores: Mapping[str, float]) -> tuple[str, ...]:
+def nearby_names(active: Sequence[Target], matched: Sequence[Target], scores: Mapping[str, float],
+                 by_id: Mapping[str, Target] | None = None) -> tuple[str, ...]:
     """Names of the other enabled targets that a GUARD answer must not drift into.
 
     Why: pushed off its own target's facts, the model falls back on other memorised answers, and those may be
     another forgotten target's ("Some of Roshni Rahman's most acclaimed works ..." in an answer about another
     author: 21% of GUARD's answers to the TOFU targets' training examples named another target, 0% with this).
     With few targets all their names are forbidden; with many, those the classifier scored for this prompt (its
-    nearest candidates)."""
+    nearest candidates). ``active``: the enabled targets (``ActiveTargets.enabled``; disabled ones are skipped);
+    ``by_id`` looks the scored ids up, so that with 100,000 targets a request never walks them all."""
     mine = {t.id for t in matched}
-    others = [t for t in active if t.enabled and t.id not in mine]
-    if len(others) > NEARBY_ALL:
-        others = sorted((t for t in others if t.id in scores), key=lambda t: -scores[t.id])[:NEARBY_ALL]
-    return tuple(t.name for t in others)
+    if len(active) <= NEARBY_ALL + len(mine):
+        return tuple(t.name for t in active if t.enabled and t.id not in mine)
+    lookup = by_id if by_id is not None else {t.id: t for t in active}
+    scored = [lookup[i] for i in scores if i not in mine and i in lookup and lookup[i].enabled]
+    return tuple(t.name for t in sorted(scored, key=lambda t: -scores[t.id])[:NEARBY_ALL])
 
 
 def guard_fact_groups(matched: Sequence[Target], nearby: Sequence[str]) -> list[list[str]]:
@@ -142,7 +145,7 @@ class Unlearner:
         if active is not None and not active.loaded:
             raise ClassificationUnavailable("the forget targets are not loaded yet; try again shortly",
                                             code="targets_not_loaded")
-        if active is None or not any(t.enabled for t in active.targets):
+        if active is None or not active.enabled:
             return CLEAN
         index = active.indexes.get(CLASSIFIER_INDEX)
         if index is None:  # targets exist but their index is missing: refuse to guess
@@ -169,7 +172,8 @@ class Unlearner:
         for message_index, start, end, _ in decision.spans:
             spans.setdefault(message_index, []).append((start, end))
         # Only GUARD's forbidden set uses the nearby names (ECO too, on raw completions: see ``apply``).
-        nearby = nearby_names(active.targets, targets, decision.scores) if method in ("guard", "eco") else ()
+        nearby = (nearby_names(active.enabled, targets, decision.scores, active.by_id) if method in ("guard", "eco")
+                  else ())
         return Verdict(True, method, targets, spans, generic=active.indexes.get(GUARD_GENERIC_INDEX, frozenset()),
                        nearby=nearby)
 

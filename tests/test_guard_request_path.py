@@ -97,6 +97,7 @@ def test_the_served_guard_forbids_what_the_evaluated_guard_forbids(demo_engine, 
 
 
 def test_guard_forbids_every_other_targets_name_or_with_many_targets_the_nearest():
+    from gateway.registry.reload import ActiveTargets
     from gateway.registry.targets import Target
     from gateway.unlearning import NEARBY_ALL, nearby_names
 
@@ -106,3 +107,9 @@ def test_guard_forbids_every_other_targets_name_or_with_many_targets_the_nearest
     many = [Target(name=f"Author Number{i}") for i in range(NEARBY_ALL + 10)]
     scores = {many[3].id: 0.2, many[7].id: 0.9, many[0].id: 1.0}
     assert nearby_names(many, many[:1], scores) == (many[7].name, many[3].name)
+    # As served: the set's enabled targets, listed once per set, and its id lookup (a disabled target scored high
+    # is still skipped).
+    active = ActiveTargets.build(1, [*many, disabled], {})
+    assert active.enabled == tuple(many)
+    assert nearby_names(active.enabled, many[:1], {**scores, disabled.id: 2.0}, active.by_id) == (
+        many[7].name, many[3].name)

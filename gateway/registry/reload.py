@@ -73,6 +73,7 @@ class ActiveTargets:
     indexes: Mapping[str, Any]
     loaded_at: float  # time.time() of the swap, comparable across processes on one host
     loaded: bool = True
+    enabled: tuple[Target, ...] = ()  # the enabled targets, listed once per set (requests must not walk them all)
 
     @classmethod
     def placeholder(cls) -> ActiveTargets:
@@ -81,11 +82,7 @@ class ActiveTargets:
     @classmethod
     def build(cls, version: int, targets: Sequence[Target], indexes: Mapping[str, Any]) -> ActiveTargets:
         return cls(version, tuple(targets), MappingProxyType({t.id: t for t in targets}),
-                   MappingProxyType(dict(indexes)), time.time())
-
-    @property
-    def enabled(self) -> tuple[Target, ...]:
-        return tuple(t for t in self.targets if t.enabled)
+                   MappingProxyType(dict(indexes)), time.time(), enabled=tuple(t for t in targets if t.enabled))
 
 
 @dataclass
