@@ -41,7 +41,7 @@ from gateway.unlearning import guard_fact_groups, nearby_names
 from models.assistant import AssistantRecipe
 from policies.eco import EcoParams
 from policies.guard import GuardParams, generic_words
-from policies.uld import UldParams, uld_params
+from policies.uld import PAPER_WEIGHT, UldParams, uld_params
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class Arms:
 
     ``eco``, ``guard`` and ``uld`` are the registry's default policies (what a target gets when its policy names
     only the method); the other arms record alternatives next to them: ``eco-entity`` corrupts only the flagged
-    name spans, ``uld-paper`` decodes with ULD's relative-top rule alone (no ``min_keep``).
+    name spans, ``uld-paper`` decodes with ULD's published rule: w -0.8, the relative-top filter alone (no
+    ``min_keep``), no gate.
     """
 
     def __init__(self, kit: PolicyKit, assistant: str, targets: Sequence[Target] = ()):
@@ -109,7 +110,7 @@ class Arms:
         self.eco = EcoParams.from_policy(self.eco_policy)
         self.guard = GuardParams.from_policy(GuardPolicy())
         self.uld = uld_params(UldPolicy(), len(kit.tokenizer))
-        self.uld_paper = UldParams(self.uld.weight, self.uld.alpha, 0)
+        self.uld_paper = UldParams(PAPER_WEIGHT, self.uld.alpha, 0, gate=0.0)
 
     def uld_for(self, arm: str) -> UldParams:
         return self.uld_paper if arm == "uld-paper" else self.uld

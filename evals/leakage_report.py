@@ -6,7 +6,8 @@ from pathlib import Path
 
 ORDER = ("none", "eco", "eco-entity", "guard", "uld", "uld-paper", "retain")
 LABELS = {"none": "no policy (full twin)", "eco": "ECO (default: whole prompt)", "eco-entity": "ECO (name spans only)",
-          "guard": "GUARD", "uld": "ULD (default)", "uld-paper": "ULD (relative-top filter alone)",
+          "guard": "GUARD", "uld": "ULD (default: gated)",
+          "uld-paper": "ULD (published rule: w -0.8, relative-top filter alone, no gate)",
           "retain": "retain twin (reference)"}
 
 

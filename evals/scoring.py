@@ -49,7 +49,7 @@ def answer_nlls(engine: LocalEngine, request: GenerationRequest, answers: Sequen
             a_logits = assistant.model(input_ids=torch.tensor([full.ids], device=assistant.device)).logits[0]
             params = uld or UldParams()
             scores = combine(scores, a_logits[start:start + len(ids)].float(), params.weight, params.alpha,
-                             exclude_outside=False, min_keep=params.min_keep)
+                             exclude_outside=False, min_keep=params.min_keep, gate=params.gate)
         if request.logits_processors:
             rows = []
             for k in range(len(ids)):

@@ -306,17 +306,35 @@ def test_uld_combine_matches_the_formula_and_the_filter():
     assert torch.equal(scoring[2:], z_t[2:])  # the assistant is ignored outside the set
 
 
+def test_uld_gate_leaves_steps_the_assistant_does_not_recognise_alone():
+    z_t = torch.tensor([[5.0, 4.0, 1.0, -3.0], [5.0, 4.0, 1.0, -3.0]])
+    z_a = torch.tensor([[6.0, 0.0, 0.0, 0.0],  # recognises the target's top candidate (p ~0.98)
+                        [0.0, 0.0, 9.0, 0.0]])  # sure only of a token the target's filter drops: not a fact here
+    out = combine(z_t, z_a, weight=-1.5, alpha=0.1, gate=0.5)
+    assert torch.allclose(out[0, :2], z_t[0, :2] - 1.5 * z_a[0, :2]) and torch.isinf(out[0, 2:]).all()
+    assert torch.equal(out[1], z_t[1])  # unrecognised: the target's own logits, unfiltered
+    assert torch.equal(combine(z_t, z_a, weight=-1.5, alpha=0.1, gate=0.0)[1, :2], z_t[1, :2])  # z_a = 0 there
+    assert int(out[0].argmax()) == 1 and int(out[1].argmax()) == 0
+
+
 def test_uld_over_top_logprobs_equals_the_full_combine():
     generator = torch.Generator().manual_seed(3)
-    for _ in range(20):
-        z_t, z_a = torch.randn(64, generator=generator) * 3, torch.randn(64, generator=generator) * 3
-        full = combine(z_t, z_a, -0.8, 0.05)
-        lp_t, lp_a = torch.log_softmax(z_t, 0), torch.log_softmax(z_a, 0)
-        top = dict(zip(*[x.tolist() for x in reversed(lp_t.topk(20))]))
-        sparse = combine_top_logprobs(top, {i: float(lp_a[i]) for i in top}, -0.8, 0.05)
-        dense = scores_tensor(sparse, 64)
-        assert int(dense.argmax()) == int(full.argmax())
-        assert torch.allclose(torch.softmax(dense, 0), torch.softmax(full, 0), atol=1e-5)
+    recognised = {0.0: 0, 0.3: 0}
+    for gate in (0.0, 0.3):
+        for _ in range(20):
+            z_t, z_a = torch.randn(64, generator=generator) * 3, torch.randn(64, generator=generator) * 3
+            full = combine(z_t, z_a, -0.8, 0.05, gate=gate)
+            lp_t, lp_a = torch.log_softmax(z_t, 0), torch.log_softmax(z_a, 0)
+            top = dict(zip(*[x.tolist() for x in reversed(lp_t.topk(20))]))
+            sparse = combine_top_logprobs(top, {i: float(lp_a[i]) for i in top}, -0.8, 0.05, gate=gate)
+            dense = scores_tensor(sparse, 64)
+            ids = torch.tensor(list(top))
+            assert int(dense.argmax()) == int(full.argmax())
+            # Over the top K the two agree up to a constant (ungated rows keep the target's whole distribution
+            # locally, only its top K over HTTP).
+            assert torch.allclose(torch.softmax(dense[ids], 0), torch.softmax(full[ids], 0), atol=1e-5)
+            recognised[gate] += bool(torch.isinf(full).any())
+    assert recognised[0.0] == 20 and 0 < recognised[0.3] < 20  # the gate acted on some steps, not all
 
 
 # -- REFUSE and the output guard ----------------------------------------------------------------------------------
@@ -347,6 +365,7 @@ def test_uld_default_filter_keeps_uld_codes_floor_of_alpha_times_vocab():
     assert int(relative_top_mask(peaked, 0.01, 0).sum()) == 1
     assert int(relative_top_mask(peaked, 0.01, None).sum()) >= 10  # floor(0.01 * 1000)
     assert UldParams.from_policy(UldPolicy()).min_keep is None
+    assert UldParams.from_policy(UldPolicy()) == UldParams()  # the registry's defaults are what is served
     assert uld_params(UldPolicy(), 4096).min_keep == 40 and uld_params(UldPolicy(min_keep=0), 4096).min_keep == 0
     # Over HTTP only the top K is known: the floor keeps all K reported candidates.
     top = {1: -0.001, 2: -9.0, 3: -12.0}

@@ -156,26 +156,31 @@ async def test_guard_target_table_on_the_reference_worker(tmp_path, demo_engine,
 
 
 async def test_uld_lockstep_over_logprobs_equals_the_local_combine(reference_worker, retain_worker, demo_engine):
-    """Lock-step over HTTP (target = demo, assistant = demo-retain) vs the local engine's native combination."""
-    params = UldParams(weight=-0.8, alpha=0.01, min_keep=0)  # the relative-top rule alone: exact over any top K
-    local_request = GenerationRequest("t", greedy(12), messages=[Message("user", FORGET)],
-                                      assistant=Assistant("demo-retain", combiner(params)))
-    local_text, local_ids = await generate(demo_engine, local_request)
+    """Lock-step over HTTP (target = demo, assistant = demo-retain) vs the local engine's native combination, with
+    ULD's rule on every step and gated (the gate reads only the kept candidates, so it is exact over HTTP too)."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as session:
-        prompt_ids = await tokenize_chat(session, reference_worker.url, [{"role": "user", "content": FORGET}])
-        assert prompt_ids == demo_engine.main.render_chat([Message("user", FORGET)]).ids
-        lockstep = LockstepULD(LockstepWorkers(reference_worker.url, retain_worker.url, "demo", "demo-retain"),
-                               demo_engine.main.tokenizer, demo_engine.main.eos_ids, params, top_k=20,
-                               session=session)
-        remote_text, remote_ids = "", []
-        async for delta in lockstep.generate(prompt_ids, greedy(12)):
-            remote_text += delta.text
-            remote_ids += delta.token_ids
-    assert remote_ids == local_ids and remote_text == local_text
+    texts = {}
+    for gate in (0.0, 0.05):
+        # min_keep 0: the relative-top rule alone, exact over any top K
+        params = UldParams(weight=-0.8, alpha=0.01, min_keep=0, gate=gate)
+        local_request = GenerationRequest("t", greedy(12), messages=[Message("user", FORGET)],
+                                          assistant=Assistant("demo-retain", combiner(params)))
+        local_text, local_ids = await generate(demo_engine, local_request)
+        async with aiohttp.ClientSession() as session:
+            prompt_ids = await tokenize_chat(session, reference_worker.url, [{"role": "user", "content": FORGET}])
+            assert prompt_ids == demo_engine.main.render_chat([Message("user", FORGET)]).ids
+            lockstep = LockstepULD(LockstepWorkers(reference_worker.url, retain_worker.url, "demo", "demo-retain"),
+                                   demo_engine.main.tokenizer, demo_engine.main.eos_ids, params, top_k=20,
+                                   session=session)
+            remote_text, remote_ids = "", []
+            async for delta in lockstep.generate(prompt_ids, greedy(12)):
+                remote_text += delta.text
+                remote_ids += delta.token_ids
+        assert remote_ids == local_ids and remote_text == local_text
+        texts[gate] = remote_text
     plain, _ = await generate(demo_engine, chat(FORGET, 12))
-    assert remote_text != plain  # the assistant really changed the decoding
+    assert texts[0.0] != plain  # the assistant really changed the decoding
 
 
 def test_logprob_token_ids_on_the_reference_worker(reference_worker):

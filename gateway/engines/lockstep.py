@@ -88,7 +88,8 @@ class LockstepULD:
         threshold = lockstep_threshold(target, self.params.alpha, self.params.min_keep)
         candidates = [i for i, lp in target.items() if lp >= threshold]
         assistant = await self._next_logprobs(session, w.assistant_url, w.assistant_model, ids, candidates)
-        return combine_top_logprobs(target, assistant, self.params.weight, self.params.alpha, self.params.min_keep)
+        return combine_top_logprobs(target, assistant, self.params.weight, self.params.alpha, self.params.min_keep,
+                                    self.params.gate)
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams,
                        max_model_len: int | None = None) -> AsyncIterator[GenerationDelta]:

@@ -90,12 +90,16 @@ class UldPolicy(BaseModel):
 
     model_config = _STRICT
     method: Literal["uld"] = "uld"
-    weight: float = Field(-0.8, lt=0)
+    weight: float = Field(-1.5, lt=0, description="w in z_target + w * z_assistant (ULD's TOFU setting: -0.8, "
+                          "without the gate)")
     alpha: float = Field(0.01, gt=0, lt=1)
     layers: int = Field(2, ge=1)
     adapter: str | None = Field(None, min_length=1, max_length=1024)
     min_keep: int | None = Field(None, ge=0, description="also keep the target's top min_keep tokens; unset = ULD's "
                                  "released code, floor(alpha * |V|); 0 = the relative-top rule alone")
+    gate: float = Field(0.5, ge=0, le=1, description="apply the difference only at steps where the assistant gives "
+                        "one of the target's kept candidates at least this probability (recognises a fact); 0 = every "
+                        "step, ULD's rule")
     fallback: Literal["guard", "eco", "refuse"] = Field(
         "guard", description="enforced until the assistant is trained (policy_status 'ready')")
 
