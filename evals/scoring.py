@@ -45,7 +45,7 @@ def answer_nlls(engine: LocalEngine, request: GenerationRequest, answers: Sequen
         start = len(prompt.ids) - 1
         scores = logits[start:start + len(ids)].float()
         if request.assistant is not None:
-            assistant = engine._assistant(request.assistant.model)
+            assistant = engine.load_assistant(request.assistant.model)
             a_logits = assistant.model(input_ids=torch.tensor([full.ids], device=assistant.device)).logits[0]
             params = uld or UldParams()
             scores = combine(scores, a_logits[start:start + len(ids)].float(), params.weight, params.alpha,

@@ -86,6 +86,26 @@ async def test_local_policies_leave_a_retain_answer_unchanged(demo_engine, kit, 
     assert rouge_l_recall(uld, plain) >= 0.98
 
 
+async def test_uld_decodes_alike_with_the_assistant_in_its_own_thread_or_after_the_served_model(kit, uld_assistant):
+    from gateway.engines.local import LocalEngine
+
+    answers = []
+    for overlap in (True, False):
+        engine = LocalEngine("demo", assistant_overlap=overlap)
+        try:
+            assert engine.assistant_overlaps(uld_assistant) is overlap
+            answers.append(await generate(engine, kit.uld_request(chat(FORGET, 16), uld_assistant, ULD)))
+        finally:
+            await engine.aclose()
+    assert answers[0] == answers[1]
+    measured = LocalEngine("demo")  # the default: both ways timed when the assistant is loaded, the faster kept
+    try:
+        assert isinstance(measured.assistant_overlaps(uld_assistant), bool)
+        assert await generate(measured, kit.uld_request(chat(FORGET, 16), uld_assistant, ULD)) == answers[0]
+    finally:
+        await measured.aclose()
+
+
 async def test_assistant_checkpoint_is_a_truncated_model_with_its_tokenizer(uld_assistant):
     config = json.loads((resolve_model_path(uld_assistant) / "config.json").read_text())
     assert config["num_hidden_layers"] == 2

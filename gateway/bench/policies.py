@@ -136,6 +136,7 @@ def run_policies_bench(repeats: int = 15, tokens: int = 32, model: str = "demo")
             return runs
 
         runs = asyncio.run(measure())
+        assistant_thread = engine.assistant_overlaps(str(assistant_path))
         asyncio.run(engine.aclose())
 
     def tps(name: str) -> dict:
@@ -164,7 +165,8 @@ def run_policies_bench(repeats: int = 15, tokens: int = 32, model: str = "demo")
                             "eco": metrics["eco_ttft_ratio"] <= 1.1}
     return {"bench": "policies", "metrics": metrics, "version": __version__,
             "config": {"model": model, "repeats": repeats, "tokens": tokens, "layers": layers,
-                       "assistant_layers": assistant_layers, "guard_token_entries": len(entries),
+                       "assistant_layers": assistant_layers, "assistant_in_own_thread": assistant_thread,
+                       "guard_token_entries": len(entries),
                        "guard_distinct_tokens": guard_tables.n_tokens, "guard_phrases": guard_tables.n_phrases,
                        "torch_threads": torch.get_num_threads(), "question": QUESTION}}
 
