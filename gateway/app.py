@@ -164,8 +164,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
             await app.state.engine.start()
             # The handler sees the engine through the telemetry wrapper (upstream time, upstream errors).
             kit = _policy_kit(settings, app.state.engine, encoder)
-            unlearner = Unlearner(kit, settings.engine,
-                                  fail_mode=settings.fail_mode, classify_timeout_s=settings.classify_timeout_s)
+            unlearner = Unlearner(kit, settings.engine, fail_mode=settings.fail_mode,
+                                  classify_timeout_s=settings.classify_timeout_s,
+                                  lockstep_uld=bool(getattr(app.state.engine, "assistant_url", None)))
             if kit is not None:  # GUARD's vocabulary table off the request path (the first GUARD request waits)
                 asyncio.get_running_loop().run_in_executor(None, kit.guard.warm)
             app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments), unlearner)

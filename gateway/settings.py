@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     adapters_dir: Path | None = Field(None, description="where trained assistants are saved (shared storage with "
                                       "several replicas); empty = ~/.local/share/unlearn-gateway/adapters")
     uld_train_epochs: int = Field(AssistantRecipe.epochs, ge=1, description="epochs of a background assistant training")
+    uld_assistant_url: str = Field("", description="vllm engine: a worker serving ULD assistants, each under the "
+                                   "name its target's policy.adapter gives; ULD targets then decode in lock-step "
+                                   "against it; empty = they are enforced with their fallback")
     uld_train_lease_s: float = Field(30.0, gt=0, description="a training's lease: another worker takes a target "
                                      "over when its trainer stopped renewing it this long ago")
     log_level: str = "info"

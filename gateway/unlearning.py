@@ -6,8 +6,8 @@ version. The policy math stays in ``policies/``; ``gateway.engines.policy.Policy
 
 Choosing among several matched targets: the strictest method wins (``STRICTNESS``), applied with the union of
 the matched targets' names and facts. No request field takes part in any of this, so none can switch a policy
-off. A ULD target without a trained assistant (or behind the vLLM engine, where ULD needs the lock-step pool) is
-enforced with its stated fallback, never left unenforced.
+off. A ULD target without a trained assistant (or behind the vLLM engine without an assistant worker for lock-step
+decoding) is enforced with its stated fallback, never left unenforced.
 
 Fail closed: a request that cannot be classified (the classifier raises or overruns ``classify_timeout_s``, the
 index is missing, the worker has not loaded the targets yet) is never served unguarded. ``fail_mode="error"``
@@ -108,11 +108,15 @@ def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
 
 
 class Unlearner:
-    def __init__(self, kit, engine_kind: str, *, fail_mode: FailMode = "error", classify_timeout_s: float = 2.0):
+    def __init__(self, kit, engine_kind: str, *, fail_mode: FailMode = "error", classify_timeout_s: float = 2.0,
+                 lockstep_uld: bool = False):
         """``kit``: a ``PolicyKit`` for the served model; ``engine_kind``: "local" or "vllm"; ``fail_mode`` and
-        ``classify_timeout_s``: see the module docstring."""
+        ``classify_timeout_s``: see the module docstring; ``lockstep_uld``: the vllm engine has an assistant worker
+        (``UNLEARN_ULD_ASSISTANT_URL``), so ULD targets with an adapter decode in lock-step instead of their
+        fallback."""
         self.kit = kit
         self.engine_kind = engine_kind
+        self.serves_uld = engine_kind == "local" or lockstep_uld
         self.fail_mode = fail_mode
         self.classify_timeout_s = classify_timeout_s
         self._classifier = None
@@ -181,7 +185,7 @@ class Unlearner:
         if self.kit is None:  # no tokenizer or embeddings of the served model: refusing is all that is safe
             return "refuse"
         policy = target.policy
-        if policy.method == "uld" and (policy.adapter is None or self.engine_kind != "local"):
+        if policy.method == "uld" and (policy.adapter is None or not self.serves_uld):
             return policy.fallback
         return policy.method
 

@@ -203,6 +203,41 @@ async def test_uld_lockstep_over_logprobs_equals_the_local_combine(reference_wor
     assert texts[0.0] != plain  # the assistant really changed the decoding
 
 
+async def test_uld_through_the_vllm_engine_equals_the_local_engine(reference_worker, demo_engine, kit, uld_assistant):
+    """The vLLM engine decodes a ULD request in lock-step against an assistant worker (the trained assistant on a
+    reference worker, under its own served name), token for token as the local engine does."""
+    from gateway.engines.local import LocalEngine
+    from gateway.worker import create_worker_app
+    from tests.conftest import serve
+
+    assistant_worker = serve(create_worker_app(LocalEngine(uld_assistant, served_model_name="carmen-uld")))
+    engine = VLLMEngine([reference_worker.url], assistant_url=assistant_worker.url, tokenizer_model="demo")
+    try:
+        await engine.start()
+        params = UldParams(min_keep=20)  # the lock-step top K: the kept set is exact over HTTP
+        remote = await generate(engine, kit.uld_request(chat(FORGET, 16), "carmen-uld", params))
+        local = await generate(demo_engine, kit.uld_request(chat(FORGET, 16), uld_assistant, params))
+        plain = await generate(engine, chat(FORGET, 16))
+    finally:
+        await engine.aclose()
+        assistant_worker.stop()
+    assert remote == local
+    assert remote != plain and "historical fiction" in plain[0].lower()
+    assert "historical fiction" not in remote[0].lower(), remote[0]
+
+
+def test_uld_targets_behind_vllm_decode_in_lockstep_only_with_an_assistant_worker():
+    from gateway.registry.targets import UldPolicy
+    from gateway.unlearning import Unlearner
+
+    with_adapter = Target(name="Carmen Montenegro", policy=UldPolicy(adapter="carmen-uld"))
+    untrained = Target(name="Carmen Montenegro", policy=UldPolicy())
+    assert Unlearner(object(), "vllm", lockstep_uld=True).effective_method(with_adapter) == "uld"
+    assert Unlearner(object(), "vllm", lockstep_uld=True).effective_method(untrained) == "guard"
+    assert Unlearner(object(), "vllm").effective_method(with_adapter) == "guard"  # no assistant worker: fallback
+    assert Unlearner(object(), "local").effective_method(with_adapter) == "uld"
+
+
 def test_logprob_token_ids_on_the_reference_worker(reference_worker):
     import httpx
 

@@ -32,6 +32,8 @@ def build_engine(settings: Settings) -> Engine:
             first_token_timeout_s=settings.upstream_first_token_timeout_s,
             retries=settings.upstream_retries,
             health_interval_s=settings.health_interval_s,
+            assistant_url=settings.uld_assistant_url or None,
+            tokenizer_model=settings.model if settings.uld_assistant_url else None,
         )
     from gateway.engines.local import LocalEngine
 

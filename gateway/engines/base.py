@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from policies.processors import LogitsProcessor
+from policies.uld import UldParams
 
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 
@@ -52,11 +53,14 @@ class Assistant:
     """A second model decoding in lock-step with the served one (ULD).
 
     ``combine(target_logits, assistant_logits)`` returns the logits to sample from; both are 1-D over the
-    shared vocabulary. ``model`` names a model the engine can load (a path, or an adapter id later).
+    shared vocabulary. ``model`` names a model the engine can load (a path), or, behind the vLLM engine, the
+    model an assistant worker serves. ``params``: the same rule as parameters, for the lock-step form over HTTP
+    (``gateway.engines.lockstep``), which combines top-K logprobs rather than logits.
     """
 
     model: str
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    params: UldParams | None = None
 
 
 @dataclass

@@ -92,7 +92,7 @@ class PolicyKit:
     # -- ULD ---------------------------------------------------------------------------------------------------
     @staticmethod
     def uld_request(request: GenerationRequest, assistant_model: str, params: UldParams) -> GenerationRequest:
-        return replace(request, assistant=Assistant(assistant_model, combiner(params)))
+        return replace(request, assistant=Assistant(assistant_model, combiner(params), params))
 
 
 def sentence_rows(load: Callable[[], Encoder]) -> SentenceEncode:

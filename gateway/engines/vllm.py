@@ -9,6 +9,10 @@
   Non-streamed answers come in one piece at the end, so only ``read_timeout_s`` bounds a silent worker there.
 - Two ways to serve: ``generate`` parses the stream into deltas (what policies need), ``relay`` forwards
   the worker's bytes untouched (plain requests: no per-chunk JSON work in the hot path).
+- ULD (a request with an ``assistant``): lock-step decoding against ``assistant_url``, a worker serving the
+  assistant under the name the target's ``policy.adapter`` gives (``gateway.engines.lockstep``); the served
+  model's tokenizer (``tokenizer_model``, a local copy) turns the chosen ids into text. No assistant worker: the
+  gateway enforces ULD targets with their fallback (``Unlearner``).
 
 aiohttp rather than httpx: relaying 64 concurrent streams on two cores, aiohttp kept 0.99x of direct
 throughput and httpx 0.52x (1.9x in aiohttp's favour; 1.04x at 16 streams), because the httpx relay became
@@ -81,9 +85,16 @@ def _wire_content(message: Message) -> str | list[dict[str, str]]:
 class VLLMEngine:
     def __init__(self, urls: list[str], served_model_name: str | None = None, connect_timeout_s: float = 5.0,
                  read_timeout_s: float = 600.0, retries: int = 2, health_interval_s: float = 5.0,
-                 first_token_timeout_s: float = 60.0):
+                 first_token_timeout_s: float = 60.0, assistant_url: str | None = None,
+                 tokenizer_model: str | None = None, lockstep_top_k: int = 20):
         if not urls:
             raise ValueError("the vLLM engine needs at least one worker URL")
+        if assistant_url and not tokenizer_model:
+            raise ValueError("lock-step ULD needs a local copy of the served model's tokenizer (tokenizer_model)")
+        self.assistant_url = assistant_url.rstrip("/") if assistant_url else None
+        self._tokenizer_model = tokenizer_model
+        self._lockstep_top_k = lockstep_top_k  # vLLM's default --max-logprobs
+        self._tokenizer: tuple[Any, list[int]] | None = None
         self.workers = [Worker(u.rstrip("/")) for u in urls]
         self._served_model_name = served_model_name
         self._names: list[str] = [served_model_name] if served_model_name else []
@@ -264,7 +275,51 @@ class VLLMEngine:
         payload |= request.extra_body
         return path, payload
 
+    def _served_tokenizer(self) -> tuple[Any, list[int]]:
+        """The served model's tokenizer and end-of-sequence ids, loaded once (for lock-step decoding)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer, GenerationConfig
+
+            from models import resolve_model_path
+
+            path = resolve_model_path(self._tokenizer_model or "")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            eos = tokenizer.eos_token_id
+            with contextlib.suppress(OSError):
+                eos = GenerationConfig.from_pretrained(path).eos_token_id or eos
+            self._tokenizer = (tokenizer, eos if isinstance(eos, list) else [eos])
+        return self._tokenizer
+
+    async def _lockstep(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        from gateway.engines.lockstep import LockstepULD, LockstepWorkers, tokenize_chat
+
+        assistant = request.assistant
+        if assistant is None or assistant.params is None or self.assistant_url is None:
+            raise ValueError("lock-step ULD needs an assistant worker (assistant_url) and the ULD parameters")
+        worker = self._pick(set())
+        if worker is None:
+            raise Unavailable("no healthy worker")
+        tokenizer, eos_ids = await asyncio.to_thread(self._served_tokenizer)
+        model = self._names[0] if self._names else None
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": _wire_content(m)} for m in request.messages]
+            prompt_ids = await tokenize_chat(self.session, worker.url, messages, model)
+        elif request.prompt_ids is not None:
+            prompt_ids = list(request.prompt_ids)
+        elif request.prompt is not None:
+            prompt_ids = tokenizer(request.prompt)["input_ids"]
+        else:
+            raise BadRequest("a lock-step assistant cannot decode a prompt given as embeddings")
+        lockstep = LockstepULD(LockstepWorkers(worker.url, self.assistant_url, model, assistant.model), tokenizer,
+                               eos_ids, assistant.params, top_k=self._lockstep_top_k, session=self.session)
+        async for delta in lockstep.generate(prompt_ids, request.sampling):
+            yield delta
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        if request.assistant is not None:
+            async for delta in self._lockstep(request):
+                yield delta
+            return
         path, payload = self._payload(request)
         relayed = await self.relay(path, json.dumps(payload).encode(), stream=True)
         chat = path.endswith("chat/completions")
