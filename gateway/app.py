@@ -171,7 +171,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
                 asyncio.get_running_loop().run_in_executor(None, kit.guard.warm)
             app.state.openai_handler = OpenAIHandler(instrument(app.state.engine, instruments), unlearner)
             app.state.admin_handler = AdminHandler(target_store, reloader, PolicyStatusView(
-                target_store, settings.model, settings.trains_uld()))
+                target_store, settings.model, settings.trains_uld(), unlearner.serves_uld))
             trainer = _uld_trainer(settings, target_store, reloader)
             if trainer is not None:
                 await trainer.start()

@@ -73,13 +73,18 @@ def needs_training(target: Target, stored: PolicyStatus | None, fingerprint: str
             and stored.fingerprint != fingerprint)
 
 
-def shown_status(target: Target, stored: PolicyStatus | None, fingerprint: str, auto_train: bool) \
-        -> PolicyStatus | None:
-    """The ``policy_status`` the admin API shows (None for targets whose policy needs nothing trained)."""
+def shown_status(target: Target, stored: PolicyStatus | None, fingerprint: str, auto_train: bool,
+                 serves_uld: bool = True) -> PolicyStatus | None:
+    """The ``policy_status`` the admin API shows (None for targets whose policy needs nothing trained).
+    ``serves_uld``: this gateway can decode ULD at all (False: the vLLM engine without an assistant worker)."""
     policy = target.policy
     if policy.method != "uld":
         return None
     current = stored if stored is not None and stored.fingerprint == fingerprint else None
+    if policy.adapter is not None and not serves_uld:
+        return PolicyStatus(state="pending", adapter=policy.adapter, message=(
+            "adapter registered, but this gateway has no assistant worker to decode with "
+            f"(UNLEARN_ULD_ASSISTANT_URL): enforced with the fallback policy '{policy.fallback}'"))
     if policy.adapter is not None:
         if stored is not None and stored.state == "ready" and stored.adapter == policy.adapter:
             if current is None and auto_train:
@@ -101,18 +106,19 @@ def shown_status(target: Target, stored: PolicyStatus | None, fingerprint: str, 
 class PolicyStatusView:
     """Statuses as the admin API shows them, read from the store (so a status written by any replica shows)."""
 
-    def __init__(self, store: TargetStore, base_model: str, auto_train: bool):
+    def __init__(self, store: TargetStore, base_model: str, auto_train: bool, serves_uld: bool = True):
         self.store = store
         self.base_model = base_model
         self.auto_train = auto_train
+        self.serves_uld = serves_uld
 
     async def of(self, targets: Sequence[Target]) -> dict[str, PolicyStatus]:
         uld = [t for t in targets if t.policy.method == "uld"]
         if not uld:
             return {}
         stored = await self.store.get_statuses([t.id for t in uld])
-        shown = {t.id: shown_status(t, stored.get(t.id), training_fingerprint(t, self.base_model), self.auto_train)
-                 for t in uld}
+        shown = {t.id: shown_status(t, stored.get(t.id), training_fingerprint(t, self.base_model), self.auto_train,
+                                    self.serves_uld) for t in uld}
         return {tid: status for tid, status in shown.items() if status is not None}
 
 

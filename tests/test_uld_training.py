@@ -159,6 +159,8 @@ def test_which_targets_need_training_and_what_they_show():
     assert "train assistant" in shown_status(uld, None, fingerprint, False).message
     assert shown_status(uld, failed, fingerprint, True) == failed
     assert shown_status(registered, None, fingerprint, True).state == "ready"
+    behind_vllm = shown_status(registered, None, fingerprint, False, serves_uld=False)  # no assistant worker
+    assert behind_vllm.state == "pending" and "UNLEARN_ULD_ASSISTANT_URL" in behind_vllm.message
     assert shown_status(changed, ready, training_fingerprint(changed, "demo"), True).state == "pending"
 
 
