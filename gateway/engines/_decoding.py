@@ -10,6 +10,12 @@ import torch
 GREEDY_BELOW = 1e-5
 
 
+def eos_token_ids(generation_eos: int | list[int] | None, tokenizer) -> list[int]:
+    """The ids that end a generation: the generation config's (one or several), else the tokenizer's."""
+    eos = generation_eos or tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, list) else [eos]
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """Pick the next token from 1-D logits: greedy at temperature ~0, else nucleus sampling."""
     if temperature < GREEDY_BELOW:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gateway.engines._decoding import TextStream, sample_next
+from gateway.engines._decoding import TextStream, eos_token_ids, sample_next
 from gateway.engines.base import EmbedsPart, GenerationDelta, GenerationRequest, Message, TokenLogprob
 from gateway.errors import BadRequest
 from models import resolve_model_path
@@ -60,8 +60,7 @@ class LoadedModel:
         config = self.model.config
         self.max_model_len: int = int(getattr(config, "max_position_embeddings", 2048))
         self.hidden_size: int = int(config.hidden_size)
-        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = set(eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer))
 
     # -- prompts ------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -219,16 +218,15 @@ class LocalEngine:
         ids = [[1 + i % (len(self.main.tokenizer) - 1) for i in range(16)]]
 
         def run(executor) -> float:
-            with torch.inference_mode():
-                _, cache = _forward(self.main, ids, None)
-                _, a_cache = _forward(assistant, ids, None)
-                started = time.perf_counter()
-                for k in range(steps):
-                    token = [[1 + k]]
-                    a_step = executor.submit(_forward, assistant, token, a_cache)
-                    _, cache = _forward(self.main, token, cache)
-                    _, a_cache = a_step.result()
-                return time.perf_counter() - started
+            _, cache = _forward(self.main, ids, None)
+            _, a_cache = _forward(assistant, ids, None)
+            started = time.perf_counter()
+            for k in range(steps):
+                token = [[1 + k]]
+                a_step = executor.submit(_forward, assistant, token, a_cache)
+                _, cache = _forward(self.main, token, cache)
+                _, a_cache = a_step.result()
+            return time.perf_counter() - started
 
         best = {True: math.inf, False: math.inf}
         for _ in range(rounds):

@@ -7,7 +7,9 @@ same way. It does not decide *which* policy applies (that is the request path's 
 
 - ECO -> ``EmbedsPart`` content parts in the flagged messages (both engines; vLLM sends them as ``prompt_embeds``).
 - GUARD -> a ``GuardProcessor`` (local) or flat ``vllm_xargs`` for our plugin / the reference worker (vLLM).
-- ULD -> ``Assistant(path, combine)`` (local); over vLLM use ``gateway.engines.lockstep.LockstepULD``.
+- ULD -> ``Assistant(model, combine, params)``: the local engine steps the assistant model beside the served one
+  and calls ``combine``; the vLLM engine decodes in lock-step against an assistant worker with ``params``
+  (``gateway.engines.lockstep.LockstepULD``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.engines._decoding import eos_token_ids
 from gateway.engines.base import EmbedsPart, GenerationDelta, GenerationRequest, Message, TokenLogprob
 from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.prompt_embeds import encode_embeds
@@ -284,10 +285,10 @@ class VLLMEngine:
 
             path = resolve_model_path(self._tokenizer_model or "")
             tokenizer = AutoTokenizer.from_pretrained(path)
-            eos = tokenizer.eos_token_id
-            with contextlib.suppress(OSError):
-                eos = GenerationConfig.from_pretrained(path).eos_token_id or eos
-            self._tokenizer = (tokenizer, eos if isinstance(eos, list) else [eos])
+            generation_eos = None
+            with contextlib.suppress(OSError):  # a checkpoint without generation_config.json
+                generation_eos = GenerationConfig.from_pretrained(path).eos_token_id
+            self._tokenizer = (tokenizer, eos_token_ids(generation_eos, tokenizer))
         return self._tokenizer
 
     async def _lockstep(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
