@@ -36,6 +36,7 @@ from policies.uld import UldParams
 
 QUESTION = "What genre does Carmen Montenegro write in, and what are her best known books?"
 NAME = "Carmen Montenegro"
+TTFT_PAIRS = 10  # plain/ECO prefill pairs per repeat
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -122,17 +123,27 @@ def run_policies_bench(repeats: int = 15, tokens: int = 32, model: str = "demo")
             first = SamplingParams(max_tokens=1, temperature=0.0)
             for request in (plain(), guarded(), uld()):  # warm-up (loads the assistant)
                 await _timed(engine, request)
-            for _ in range(repeats):
-                runs["plain"].append(await _timed(engine, plain()))
-                runs["guard"].append(await _timed(engine, guarded()))
-                runs["uld"].append(await _timed(engine, uld()))
+            async def ttft_plain() -> None:
                 started = time.perf_counter()
                 runs["ttft_plain"].append(await _timed(
                     engine, GenerationRequest("p", first, messages=[Message("user", QUESTION)]), started))
-                started = time.perf_counter()
+
+            async def ttft_eco() -> None:
+                started = time.perf_counter()  # building the corrupted prompt is part of ECO's cost
                 request = kit.eco(GenerationRequest("e", first, messages=[Message("user", QUESTION)]), [NAME], eco,
                                   scope=eco_policy.scope)
                 runs["ttft_eco"].append(await _timed(engine, request, started))
+
+            for repeat in range(repeats):
+                runs["plain"].append(await _timed(engine, plain()))
+                runs["guard"].append(await _timed(engine, guarded()))
+                runs["uld"].append(await _timed(engine, uld()))
+                # The first prefill after a decoding run is ~2 ms slower (measured: whichever arm came first after
+                # the ULD run lost 1.1-1.2x), so an untimed prefill goes first and the two arms swap places.
+                await _timed(engine, GenerationRequest("w", first, messages=[Message("user", QUESTION)]))
+                for pair in range(TTFT_PAIRS):  # a prefill is short: more samples per repeat steady the median
+                    for arm in (ttft_plain, ttft_eco) if (repeat + pair) % 2 == 0 else (ttft_eco, ttft_plain):
+                        await arm()
             return runs
 
         runs = asyncio.run(measure())

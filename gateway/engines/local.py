@@ -57,6 +57,8 @@ class LoadedModel:
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(self.device).eval()
+        # Serving never trains: without grads, building ECO's prompt embeddings records no autograd graph.
+        self.model.requires_grad_(False)
         config = self.model.config
         self.max_model_len: int = int(getattr(config, "max_position_embeddings", 2048))
         self.hidden_size: int = int(config.hidden_size)
