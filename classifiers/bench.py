@@ -2,7 +2,8 @@
 
 Cells:
 - latency of ``TargetIndex.classify`` for a ~200-token prompt (random everyday filler plus a question, half of
-  them naming a target), one call at a time, with 10 targets and with ``large`` synthetic targets; and with 10
+  them naming a target), one call at a time, with 10 targets and with ``large`` synthetic targets (the two
+  interleaved call by call once both are built, since their ratio is a goal); and with 10
   targets for prompts whose question asks about a target without naming it ("Who was born in Osaka in
   1957?"), which the encoder gate must pass: the encoder-bound case;
 - throughput of the async ``Classifier`` front under ``concurrency`` concurrent callers (200-token prompts and
@@ -133,16 +134,22 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ordered), 3), "n": len(ordered)}
 
 
-def _latency(index: TargetIndex, prompts: list[str]) -> tuple[dict[str, float], dict[str, float]]:
-    index.classify(prompts[0])  # warm-up
-    samples, stages = [], {"lexical": [], "semantic": [], "learned": []}
-    for prompt in prompts[1:]:
-        started = time.perf_counter()
-        decision = index.classify(prompt)
-        samples.append((time.perf_counter() - started) * 1000)
-        for stage, ms in decision.timings_ms.items():
-            stages[stage].append(ms)
-    return _percentiles(samples), {k: round(statistics.median(v), 3) for k, v in stages.items() if v}
+def _latency(*arms: tuple[TargetIndex, list[str]]) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """Per (index, prompts) arm: latency percentiles and per-stage medians. Several arms are measured interleaved,
+    call by call, so a ratio between them is not skewed by the machine's speed drifting between two runs."""
+    samples: list[list[float]] = [[] for _ in arms]
+    stages: list[dict[str, list[float]]] = [{"lexical": [], "semantic": [], "learned": []} for _ in arms]
+    for index, prompts in arms:
+        index.classify(prompts[0])  # warm-up
+    for i in range(1, min(len(prompts) for _, prompts in arms)):
+        for arm, (index, prompts) in enumerate(arms):
+            started = time.perf_counter()
+            decision = index.classify(prompts[i])
+            samples[arm].append((time.perf_counter() - started) * 1000)
+            for stage, ms in decision.timings_ms.items():
+                stages[arm][stage].append(ms)
+    return [(_percentiles(s), {k: round(statistics.median(v), 3) for k, v in st.items() if v})
+            for s, st in zip(samples, stages, strict=True)]
 
 
 async def _throughput(index: TargetIndex, prompts: list[str], concurrency: int) -> dict[str, float]:
@@ -189,11 +196,11 @@ def run_bench(large: int = 100_000, requests: int = 200, concurrency: int = 64, 
     def prompts(targets: list[Target], n: int) -> list[str]:
         return [_prompt(rng, rng.choice(targets).name if i % 2 == 0 else None) for i in range(n)]
 
-    lat10, stages10 = _latency(small, prompts(small_targets, requests + 1))
+    small_prompts = prompts(small_targets, requests + 1)
     # The same filler, but every question asks about a target without naming it: the gate must let the
     # question through, so this is the encoder-bound latency (and how many such questions are caught).
     unnamed = [_prompt(rng, None, question=_unnamed_question(rng.choice(small_targets))) for _ in range(requests + 1)]
-    lat_unnamed, stages_unnamed = _latency(small, unnamed)
+    [(lat_unnamed, stages_unnamed)] = _latency((small, unnamed))
     caught = sum(small.classify(p).flagged for p in unnamed[1:]) / max(len(unnamed) - 1, 1)
     short = [rng.choice([f"Where was {t.name} born?", f"What is a good book about {rng.choice(_TOPICS)}?"])
              + f" ({rng.randint(1, 10**6)})" for t in rng.choices(small_targets, k=max(640, 4 * concurrency))]
@@ -210,7 +217,8 @@ def run_bench(large: int = 100_000, requests: int = 200, concurrency: int = 64, 
     build_s = time.perf_counter() - started
     gc.collect()
     rss_after = _rss_mb()
-    lat_big, stages_big = _latency(big, prompts(many, requests + 1))
+    # 10 and ``large`` targets side by side, after both are built: their ratio is a goal.
+    (lat10, stages10), (lat_big, stages_big) = _latency((small, small_prompts), (big, prompts(many, requests + 1)))
     metrics = {
         "latency_10_targets": lat10 | {"stages_p50_ms": stages10},
         "latency_10_targets_unnamed_questions": lat_unnamed | {"stages_p50_ms": stages_unnamed,

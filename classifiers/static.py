@@ -84,6 +84,8 @@ class StaticEmbedder:
 
 def words(text: str) -> list[str]:
     """The normalised words of ``text``."""
+    if text.isascii():  # most prompts: the same words without building the map back to the original characters
+        return _WORD.findall(text.lower())
     return _WORD.findall(normalize(text).text)
 
 
