@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -175,6 +176,26 @@ def names_another_target(output: str, own: str, names: Sequence[str]) -> bool:
     return any(f" {' '.join(tokens(name))} " in written for name in names if name != own and tokens(name))
 
 
+_LETTER_RUN = re.compile(r"[^\W\d_]+")
+
+
+def word_validity(output: str, question: str) -> float | None:
+    """Share of the output's words that are English words (wordfreq knows them) or words of the question.
+
+    Why a second fluency measure: the retain twin's perplexity also punishes fluent text it never saw (it gives the
+    full twin's own correct answers a median of thousands), while word salad made of sub-word pieces ("authoren",
+    "recognizedded", "196onst1") is what a token-level policy produces when it pushes a model off its memorised
+    answer. Names the question does not hold count as non-words, so fluent answers sit a little below 1.
+    """
+    from wordfreq import zipf_frequency
+
+    found = _LETTER_RUN.findall(output)
+    if not found:
+        return None
+    asked = {w.lower() for w in _LETTER_RUN.findall(question)}
+    return sum(w.lower() in asked or zipf_frequency(w.lower(), "en") > 0 for w in found) / len(found)
+
+
 def harmonic_mean(values: Sequence[float]) -> float:
     if any(v <= 0 for v in values):
         return 0.0
@@ -322,6 +343,8 @@ async def run_leakage(config: LeakageConfig, progress: Progress = print) -> dict
             "truth_ratio_forget": statistics.fmean(min(s, 1 / s) for s in stats[name]),
             "forget_quality": fq, "ks_statistic": ks,
             "fluency_retain_twin_ppl": _summary(perplexities(retain_twin, result.forget)),
+            "fluency_word_validity": statistics.fmean(
+                v for g in result.forget if (v := word_validity(g.output, g.question)) is not None),
         }
         if name == "retain":
             entry["model_utility"] = utility_retain_twin["model_utility"]

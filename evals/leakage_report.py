@@ -93,8 +93,9 @@ def write_report(report: dict, markdown: Path, folder: Path) -> None:
         "rows serve retain questions *with* the policy.",
         "",
         "| arm | forget ROUGE-L recall | gap to retain twin | within 0.05 | novel-word recall | gold contained | "
-        "names another target | truth ratio | forget quality | model utility | fluency ppl (median) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "names another target | truth ratio | forget quality | model utility | fluency ppl (median) | "
+        "real words |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
         m = metrics[arm]
@@ -103,11 +104,14 @@ def write_report(report: dict, markdown: Path, folder: Path) -> None:
             f"{_fmt(m['goal_within_0_05_of_retain'])} | {_fmt(m['forget_novel_recall'])} | "
             f"{_fmt(m['forget_gold_contained'])} | {_fmt(m.get('forget_names_other_target'))} | "
             f"{_fmt(m['truth_ratio_forget'])} | {_fmt(m['forget_quality'])} | {_fmt(m['model_utility'])} | "
-            f"{_fmt(m['fluency_retain_twin_ppl'].get('median'))} |")
+            f"{_fmt(m['fluency_retain_twin_ppl'].get('median'))} | {_fmt(m.get('fluency_word_validity'))} |")
     lines += ["", "Novel-word recall: the share of the gold answer's content words that the question does not "
                   "already contain (TOFU answers restate their question, which ROUGE-L recall also rewards). "
                   "Names another target: the share of forget answers that write the full name of another of the "
-                  "targets (an answer drifting into another forgotten author's memorised answer leaks that one)."]
+                  "targets (an answer drifting into another forgotten author's memorised answer leaks that one). "
+                  "Real words: the share of the answers' words that are English words or words of the question "
+                  "(word salad built from sub-word pieces scores low; the retain twin's perplexity also punishes "
+                  "fluent text it never saw)."]
     published = report["published_uld"]
     lines += ["", f"ULD as published: forget quality {published['forget_quality']}, model utility "
                   f"{published['model_utility']} ({published['setting']}). Our model utility is the demo model's "
