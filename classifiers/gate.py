@@ -178,11 +178,17 @@ class EncoderGate:
 
     def calibrate_threshold(self, positives: Sequence[tuple[int, int, str]], miss: float) -> float:
         """The ``miss`` quantile of the best static similarity of positives ``(target, source row, text)`` to
-        their own target's other rows, over the positives whose words open the gate for their target."""
+        their own target's other rows, over the positives whose words open the gate for their target.
+
+        When none does (targets so alike that the words of their questions are all too common to be
+        distinctive), over all of them: a lower threshold, but still one, where -inf would switch the static check
+        off and send every window with a shared word to the encoder."""
         if self.static_rows is None:
             return -math.inf
         split = [words(text) for _, _, text in positives]
         kept = [(t, row, w) for (t, row, _), w in zip(positives, split, strict=True) if t in self.candidates(w)]
+        if not kept:
+            kept = [(t, row, w) for (t, row, _), w in zip(positives, split, strict=True) if w]
         if not kept:
             return -math.inf
         vectors = self.static.embed_words([w for _, _, w in kept], remember=False)  # type: ignore[union-attr]

@@ -717,3 +717,22 @@ def test_a_writable_cache_folder_computes_once(tmp_path, monkeypatch):
     cached_array("once.npy", compute)
     assert cached_array("once.npy", compute).tolist() == [1.0, 1.0] and len(calls) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["once.npy"]
+
+
+def test_static_gate_keeps_a_threshold_when_no_unnamed_positive_opens_the_word_gate(index: TargetIndex):
+    """Targets so alike that their questions' words are all too common to be distinctive ("Where was someone
+    born?" for ten people born somewhere) leave no positive to calibrate on; the threshold then comes from all of
+    them instead of switching the static check off, which sent every window sharing a topic word to the encoder."""
+    from classifiers.bench import synthetic_targets
+    from classifiers.static import words
+
+    alike = build_index(synthetic_targets(10, seed=1), encoder=index.encoder)
+    gate = alike.gate
+    positives = [(t, row, text) for t, e in enumerate(alike.entries) for row, text in e.variants
+                 if not any(m.target_id == e.target_id for m in alike.matcher.find([text]))]
+    assert positives and not any(t in gate.candidates(words(text)) for t, _, text in positives)
+    assert gate.threshold != -math.inf
+    assert gate.threshold == gate.calibrate_threshold(positives, alike.config.static_gate_miss)
+    chatter = "Bring coffee and bread, the music was loud all evening."  # "music": a topic of the targets
+    assert gate.candidates(words(chatter))
+    assert alike.prepare(chatter).windows == []
