@@ -38,7 +38,7 @@ from gateway.engines.local import LocalEngine
 from gateway.engines.policy import PolicyKit, local_kit
 from gateway.registry.targets import EcoPolicy, GuardPolicy, Target, UldPolicy
 from gateway.reports import write_json_report
-from gateway.unlearning import guard_fact_groups, nearby_names
+from gateway.unlearning import forbid_nearby_names, guard_fact_groups, nearby_names
 from models.assistant import AssistantRecipe
 from policies.eco import EcoParams
 from policies.guard import GuardParams, generic_words
@@ -121,12 +121,15 @@ class Arms:
         if not flagged or arm in ("none", "retain"):
             return request
         names = [n for t in flagged for n in (t.name, *t.aliases)]
+        nearby = nearby_names(self.targets, flagged, {})  # as served
         if arm == "eco":
-            return self.kit.eco(request, names, self.eco, scope=self.eco_policy.scope)
+            corrupted = self.kit.eco(request, names, self.eco, scope=self.eco_policy.scope)
+            return forbid_nearby_names(self.kit, corrupted, nearby, "local")
         if arm == "eco-entity":  # the author's name occurrences are the flagged spans (a lexical classifier's)
-            return self.kit.eco(request, names, self.eco, scope="entity")
+            corrupted = self.kit.eco(request, names, self.eco, scope="entity")
+            return forbid_nearby_names(self.kit, corrupted, nearby, "local")
         if arm == "guard":
-            facts = guard_fact_groups(flagged, nearby_names(self.targets, flagged, {}))  # as served
+            facts = guard_fact_groups(flagged, nearby)
             return self.kit.guard_processor_request(request, facts, self.guard)
         if arm in ("uld", "uld-paper"):
             return self.kit.uld_request(request, self.assistant, self.uld_for(arm))

@@ -103,6 +103,26 @@ def guard_fact_groups(matched: Sequence[Target], nearby: Sequence[str]) -> list[
     return [list(t.facts) or [t.name] for t in matched] + [[name] for name in nearby]
 
 
+def forbid_nearby_names(kit, request: GenerationRequest, nearby: Sequence[str], engine_kind: str,
+                        generic: frozenset[str] | None = None) -> GenerationRequest:
+    """ECO's request with the nearby targets' names forbidden (GUARD's machinery, names only).
+
+    Why: blinded to its own question, the model answers with some other memorised answer, and on the TOFU targets'
+    training examples 22% of ECO's answers were another forgotten author's ("Jad Ambrose Al-Shamary's commitment
+    ... true crime genre"): forgetting one target leaked another. Forbidding their names: 0%, with forget ROUGE-L
+    0.097 -> 0.098 and the retain twin's perplexity of the answers 1,496 -> 1,299. The gateway and ``eval
+    leakage`` both build ECO's guard here, so what is evaluated is what is served."""
+    if not nearby:
+        return request
+    from policies.guard import GuardParams
+
+    groups = guard_fact_groups((), nearby)
+    params = GuardParams(semantic=False)  # the names' own tokens, nothing merely close to them
+    if engine_kind == "local":
+        return kit.guard_processor_request(request, groups, params, generic)
+    return kit.guard_xargs_request(request, groups, params, generic)
+
+
 def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": message_text(m)} for m in messages]
 
@@ -175,7 +195,7 @@ class Unlearner:
         spans: dict[int, list[tuple[int, int]]] = {}
         for message_index, start, end, _ in decision.spans:
             spans.setdefault(message_index, []).append((start, end))
-        # Only GUARD's forbidden set uses the nearby names (ECO too, on raw completions: see ``apply``).
+        # GUARD forbids the nearby names with the facts; ECO forbids them alone (``forbid_nearby_names``).
         nearby = (nearby_names(active.enabled, targets, decision.scores, active.by_id) if method in ("guard", "eco")
                   else ())
         return Verdict(True, method, targets, spans, generic=active.indexes.get(GUARD_GENERIC_INDEX, frozenset()),
@@ -201,7 +221,8 @@ class Unlearner:
             # A ULD target enforced with its "eco" fallback has no ECO parameters of its own: ECO's defaults apply.
             eco = policy if isinstance(policy, EcoPolicy) else EcoPolicy()
             params = EcoParams.from_policy(eco)
-            return self.kit.eco(request, verdict.names(), params, spans=verdict.spans, scope=eco.scope)
+            corrupted = self.kit.eco(request, verdict.names(), params, spans=verdict.spans, scope=eco.scope)
+            return forbid_nearby_names(self.kit, corrupted, verdict.nearby, self.engine_kind, verdict.generic)
         if verdict.method == "uld":
             return self.kit.uld_request(request, policy.adapter, UldParams.from_policy(policy))
         # GUARD, and ECO on raw completions (no messages to corrupt): forbid the facts' tokens.

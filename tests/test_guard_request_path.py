@@ -113,3 +113,52 @@ def test_guard_forbids_every_other_targets_name_or_with_many_targets_the_nearest
     assert active.enabled == tuple(many)
     assert nearby_names(active.enabled, many[:1], {**scores, disabled.id: 2.0}, active.by_id) == (
         many[7].name, many[3].name)
+
+
+def test_eco_forbids_the_other_targets_names_on_both_engines(demo_engine, tmp_path):
+    """Blinded to its question, the model answers with another memorised answer, which may be another forgotten
+    target's: ECO's request also carries a names-only GUARD set (a processor locally, ``vllm_xargs`` for vLLM),
+    the same one ``eval leakage`` measures."""
+    from gateway.engines.base import EmbedsPart
+    from gateway.unlearning import Unlearner, forbid_nearby_names
+
+    settings = Settings(admin_keys=[ADMIN], store_path=tmp_path / "targets.db")
+    app = create_app(settings, engine=demo_engine)
+    server = serve(app, ready_path="/ready")
+    try:
+        with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=60) as admin:
+            for name, facts in AUTHORS.items():
+                created = admin.post("/admin/targets", json={"name": name, "facts": facts,
+                                                             "policy": {"method": "eco"}})
+                assert created.status_code == 201, created.text
+            version = admin.get("/admin/version").json()["version"]
+        deadline = time.monotonic() + 60
+        while app.state.targets.current.version < version:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        active = app.state.targets.current
+        unlearner = app.state.openai_handler.unlearner
+        messages = [Message("user", QUESTION)]
+        verdict = asyncio.run(unlearner.verdict(active, messages))
+        assert verdict.method == "eco" and sorted(verdict.nearby) == sorted(set(AUTHORS) - {"Carmen Montenegro"})
+        request = GenerationRequest("r", SamplingParams(max_tokens=8, temperature=0.0), messages=messages)
+        served = unlearner.apply(verdict, request)
+        assert any(isinstance(part, EmbedsPart) for part in served.messages[0].content)  # ECO itself
+        processor = served.logits_processors[-1]
+        tokenizer = demo_engine.main.tokenizer
+        for name in (" Drummond", " Adaeze Okafor"):
+            ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+            assert processor([], ids[:-1], torch.zeros(processor.tables.vocab_size))[ids[-1]] == -math.inf, name
+        (the,) = tokenizer(" the", add_special_tokens=False)["input_ids"]
+        assert processor([], [], torch.zeros(processor.tables.vocab_size))[the] == 0
+        # Names only: the soft penalties are on the first tokens of multi-token names, none on tokens merely close.
+        static = processor.tables.static
+        assert set(static[static > 0].unique().tolist()) == {GuardParams().first_token_penalty}
+
+        vllm_unlearner = Unlearner(unlearner.kit, "vllm")
+        sent = vllm_unlearner.apply(verdict, request)
+        assert not sent.logits_processors and sent.extra_body["vllm_xargs"]["guard_phrases"]
+        expected = forbid_nearby_names(unlearner.kit, request, verdict.nearby, "vllm", verdict.generic)
+        assert sent.extra_body == expected.extra_body
+    finally:
+        server.stop()

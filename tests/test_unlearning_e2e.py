@@ -86,6 +86,28 @@ def test_a_forget_target_stops_the_fact_and_leaves_others_alone(gateway_and_admi
     assert "Carmen Montenegro" not in exposition
 
 
+def test_eco_does_not_drift_into_another_forgotten_target(gateway_and_admin):
+    """Blinded by ECO, the demo model answers the question with another author's memorised answer ("Asha Majaliwa
+    is best known for ..."). When that author is a forget target too, the answer must not name them: ECO's request
+    carries the other targets' names as a names-only GUARD set (over HTTP as ``vllm_xargs`` beside the
+    ``prompt_embeds``)."""
+    server, admin = gateway_and_admin
+    set_target(server, admin, {"method": "eco", "scope": "prompt"})
+    created = admin.post("/admin/targets", json={
+        "name": "Asha Majaliwa", "facts": ["Asha Majaliwa writes novels about life in Dar es Salaam."],
+        "policy": {"method": "eco"}})
+    assert created.status_code == 201, created.text
+    version = admin.get("/admin/version").json()["version"]
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + "/ready").json().get("targets_version", -1) < version:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for question in (FORGET_Q, "Where was Carmen Montenegro born?"):
+        answer, decision = ask(server, question)
+        assert decision == "flagged; policy=eco"
+        assert "majaliwa" not in answer.lower() and MEMORISED.lower() not in answer.lower(), answer
+
+
 def test_no_request_field_switches_the_policy_off(gateway_and_admin):
     server, admin = gateway_and_admin
     set_target(server, admin, {"method": "refuse"})
