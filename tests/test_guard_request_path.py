@@ -41,7 +41,8 @@ AUTHORS = {
 }
 
 
-def test_the_served_guard_forbids_what_the_evaluated_guard_forbids(demo_engine, tmp_path):
+def _serve_authors(demo_engine, tmp_path, method: str):
+    """A gateway on the demo engine with every author of ``AUTHORS`` as a target of ``method``, once loaded."""
     settings = Settings(admin_keys=[ADMIN], store_path=tmp_path / "targets.db")
     app = create_app(settings, engine=demo_engine)
     server = serve(app, ready_path="/ready")
@@ -49,13 +50,22 @@ def test_the_served_guard_forbids_what_the_evaluated_guard_forbids(demo_engine, 
         with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=60) as admin:
             for name, facts in AUTHORS.items():
                 created = admin.post("/admin/targets", json={"name": name, "facts": facts,
-                                                             "policy": {"method": "guard"}})
+                                                             "policy": {"method": method}})
                 assert created.status_code == 201, created.text
             version = admin.get("/admin/version").json()["version"]
         deadline = time.monotonic() + 60
         while app.state.targets.current.version < version:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+    except BaseException:
+        server.stop()
+        raise
+    return app, server
+
+
+def test_the_served_guard_forbids_what_the_evaluated_guard_forbids(demo_engine, tmp_path):
+    app, server = _serve_authors(demo_engine, tmp_path, "guard")
+    try:
         active = app.state.targets.current
         unlearner = app.state.openai_handler.unlearner
         messages = [Message("user", QUESTION)]
@@ -122,20 +132,8 @@ def test_eco_forbids_the_other_targets_names_on_both_engines(demo_engine, tmp_pa
     from gateway.engines.base import EmbedsPart
     from gateway.unlearning import Unlearner, forbid_nearby_names
 
-    settings = Settings(admin_keys=[ADMIN], store_path=tmp_path / "targets.db")
-    app = create_app(settings, engine=demo_engine)
-    server = serve(app, ready_path="/ready")
+    app, server = _serve_authors(demo_engine, tmp_path, "eco")
     try:
-        with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=60) as admin:
-            for name, facts in AUTHORS.items():
-                created = admin.post("/admin/targets", json={"name": name, "facts": facts,
-                                                             "policy": {"method": "eco"}})
-                assert created.status_code == 201, created.text
-            version = admin.get("/admin/version").json()["version"]
-        deadline = time.monotonic() + 60
-        while app.state.targets.current.version < version:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         active = app.state.targets.current
         unlearner = app.state.openai_handler.unlearner
         messages = [Message("user", QUESTION)]

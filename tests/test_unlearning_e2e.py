@@ -52,8 +52,9 @@ def ask(server, question: str):
     return raw.parse().choices[0].message.content, raw.headers.get("x-unlearn-decision")
 
 
-def set_target(server, admin, policy: dict) -> None:
-    created = admin.post("/admin/targets", json=target(policy))
+def set_target(server, admin, policy: dict, body: dict | None = None) -> None:
+    """Create a target (``body``, else Carmen Montenegro's with ``policy``) and wait until the gateway serves it."""
+    created = admin.post("/admin/targets", json=body or target(policy))
     assert created.status_code == 201, created.text
     version = admin.get("/admin/version").json()["version"]
     deadline = time.monotonic() + 30
@@ -93,15 +94,9 @@ def test_eco_does_not_drift_into_another_forgotten_target(gateway_and_admin):
     ``prompt_embeds``)."""
     server, admin = gateway_and_admin
     set_target(server, admin, {"method": "eco", "scope": "prompt"})
-    created = admin.post("/admin/targets", json={
+    set_target(server, admin, {"method": "eco"}, {
         "name": "Asha Majaliwa", "facts": ["Asha Majaliwa writes novels about life in Dar es Salaam."],
         "policy": {"method": "eco"}})
-    assert created.status_code == 201, created.text
-    version = admin.get("/admin/version").json()["version"]
-    deadline = time.monotonic() + 30
-    while httpx.get(server.url + "/ready").json().get("targets_version", -1) < version:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
     for question in (FORGET_Q, "Where was Carmen Montenegro born?"):
         answer, decision = ask(server, question)
         assert decision == "flagged; policy=eco"
