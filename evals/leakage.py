@@ -124,15 +124,18 @@ class Arms:
         nearby = nearby_names(self.targets, flagged, {})  # as served
         if arm == "eco":
             corrupted = self.kit.eco(request, names, self.eco, scope=self.eco_policy.scope)
-            return forbid_nearby_names(self.kit, corrupted, nearby, "local")
+            return forbid_nearby_names(self.kit, corrupted, nearby, xargs=False)
         if arm == "eco-entity":  # the author's name occurrences are the flagged spans (a lexical classifier's)
             corrupted = self.kit.eco(request, names, self.eco, scope="entity")
-            return forbid_nearby_names(self.kit, corrupted, nearby, "local")
+            return forbid_nearby_names(self.kit, corrupted, nearby, xargs=False)
         if arm == "guard":
             facts = guard_fact_groups(flagged, nearby)
             return self.kit.guard_processor_request(request, facts, self.guard)
-        if arm in ("uld", "uld-paper"):
-            return self.kit.uld_request(request, self.assistant, self.uld_for(arm))
+        if arm == "uld":
+            uld = self.kit.uld_request(request, self.assistant, self.uld)
+            return forbid_nearby_names(self.kit, uld, nearby, xargs=False)
+        if arm == "uld-paper":  # ULD's published rule alone
+            return self.kit.uld_request(request, self.assistant, self.uld_paper)
         raise ValueError(f"unknown arm {arm!r}")
 
 

@@ -62,7 +62,7 @@ class Verdict:
     spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # message index -> char spans
     unclassified: str | None = None  # why classification could not run, when fail_mode="refuse" answered for it
     generic: frozenset[str] = frozenset()  # GUARD's generic words of the target set the request was judged on
-    nearby: tuple[str, ...] = ()  # names of the other active targets GUARD also forbids (``nearby_names``)
+    nearby: tuple[str, ...] = ()  # names of the other active targets the policy also forbids (``nearby_names``)
 
     @property
     def header(self) -> str:
@@ -103,9 +103,11 @@ def guard_fact_groups(matched: Sequence[Target], nearby: Sequence[str]) -> list[
     return [list(t.facts) or [t.name] for t in matched] + [[name] for name in nearby]
 
 
-def forbid_nearby_names(kit, request: GenerationRequest, nearby: Sequence[str], engine_kind: str,
+def forbid_nearby_names(kit, request: GenerationRequest, nearby: Sequence[str], *, xargs: bool,
                         generic: frozenset[str] | None = None) -> GenerationRequest:
-    """ECO's request with the nearby targets' names forbidden (GUARD's machinery, names only).
+    """An ECO or ULD request with the nearby targets' names forbidden (GUARD's machinery, names only): as
+    ``vllm_xargs`` for a vLLM worker (``xargs``), else as an in-process processor (the local engine, and ULD's
+    lock-step decoding, which samples in the gateway).
 
     Why: blinded to its own question, the model answers with some other memorised answer, and on the TOFU targets'
     training examples 22% of ECO's answers were another forgotten author's ("Jad Ambrose Al-Shamary's commitment
@@ -118,9 +120,9 @@ def forbid_nearby_names(kit, request: GenerationRequest, nearby: Sequence[str], 
 
     groups = guard_fact_groups((), nearby)
     params = GuardParams(semantic=False)  # the names' own tokens, nothing merely close to them
-    if engine_kind == "local":
-        return kit.guard_processor_request(request, groups, params, generic)
-    return kit.guard_xargs_request(request, groups, params, generic)
+    if xargs:
+        return kit.guard_xargs_request(request, groups, params, generic)
+    return kit.guard_processor_request(request, groups, params, generic)
 
 
 def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:
@@ -195,9 +197,9 @@ class Unlearner:
         spans: dict[int, list[tuple[int, int]]] = {}
         for message_index, start, end, _ in decision.spans:
             spans.setdefault(message_index, []).append((start, end))
-        # GUARD forbids the nearby names with the facts; ECO forbids them alone (``forbid_nearby_names``).
-        nearby = (nearby_names(active.enabled, targets, decision.scores, active.by_id) if method in ("guard", "eco")
-                  else ())
+        # GUARD forbids the nearby names with the facts; ECO and ULD forbid them alone (``forbid_nearby_names``).
+        nearby = (nearby_names(active.enabled, targets, decision.scores, active.by_id)
+                  if method in ("guard", "eco", "uld") else ())
         return Verdict(True, method, targets, spans, generic=active.indexes.get(GUARD_GENERIC_INDEX, frozenset()),
                        nearby=nearby)
 
@@ -222,9 +224,11 @@ class Unlearner:
             eco = policy if isinstance(policy, EcoPolicy) else EcoPolicy()
             params = EcoParams.from_policy(eco)
             corrupted = self.kit.eco(request, verdict.names(), params, spans=verdict.spans, scope=eco.scope)
-            return forbid_nearby_names(self.kit, corrupted, verdict.nearby, self.engine_kind, verdict.generic)
+            return forbid_nearby_names(self.kit, corrupted, verdict.nearby, xargs=self.engine_kind != "local",
+                                       generic=verdict.generic)
         if verdict.method == "uld":
-            return self.kit.uld_request(request, policy.adapter, UldParams.from_policy(policy))
+            uld = self.kit.uld_request(request, policy.adapter, UldParams.from_policy(policy))
+            return forbid_nearby_names(self.kit, uld, verdict.nearby, xargs=False, generic=verdict.generic)
         # GUARD, and ECO on raw completions (no messages to corrupt): forbid the facts' tokens.
         facts = guard_fact_groups(verdict.targets, verdict.nearby)
         guard_policy = policy if policy.method == "guard" else None

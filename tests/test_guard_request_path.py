@@ -156,7 +156,7 @@ def test_eco_forbids_the_other_targets_names_on_both_engines(demo_engine, tmp_pa
         vllm_unlearner = Unlearner(unlearner.kit, "vllm")
         sent = vllm_unlearner.apply(verdict, request)
         assert not sent.logits_processors and sent.extra_body["vllm_xargs"]["guard_phrases"]
-        expected = forbid_nearby_names(unlearner.kit, request, verdict.nearby, "vllm", verdict.generic)
+        expected = forbid_nearby_names(unlearner.kit, request, verdict.nearby, xargs=True, generic=verdict.generic)
         assert sent.extra_body == expected.extra_body
     finally:
         server.stop()

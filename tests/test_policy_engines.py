@@ -4,8 +4,11 @@ against reference workers over real HTTP."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
+import torch
 
 from evals.rouge import rouge_l_recall
 from gateway.engines import Assistant, GenerationRequest, Message, SamplingParams
@@ -16,6 +19,7 @@ from gateway.registry.targets import Target
 from models import resolve_model_path
 from policies.eco import EcoParams
 from policies.guard import GuardParams
+from policies.processors import LogitBias
 from policies.uld import UldParams, combiner
 from tests.conftest import DATA_DIR
 
@@ -218,10 +222,18 @@ async def test_uld_through_the_vllm_engine_equals_the_local_engine(reference_wor
         remote = await generate(engine, kit.uld_request(chat(FORGET, 16), "carmen-uld", params))
         local = await generate(demo_engine, kit.uld_request(chat(FORGET, 16), uld_assistant, params))
         plain = await generate(engine, chat(FORGET, 16))
+        # The gateway's own processors (ULD's forbidden names of other targets) act on the combined scores, in
+        # the gateway for lock-step: here one that bans the first token ULD chose.
+        ban = [LogitBias({remote[1][0]: -100.0})]
+        remote_banned = await generate(engine, replace(kit.uld_request(chat(FORGET, 16), "carmen-uld", params),
+                                                       logits_processors=ban))
+        local_banned = await generate(demo_engine, replace(kit.uld_request(chat(FORGET, 16), uld_assistant, params),
+                                                           logits_processors=ban))
     finally:
         await engine.aclose()
         assistant_worker.stop()
     assert remote == local
+    assert remote_banned == local_banned and remote_banned[1][0] != remote[1][0]
     assert remote != plain and "historical fiction" in plain[0].lower()
     assert "historical fiction" not in remote[0].lower(), remote[0]
 
@@ -237,6 +249,22 @@ def test_uld_targets_behind_vllm_decode_in_lockstep_only_with_an_assistant_worke
     assert Unlearner(object(), "vllm").effective_method(with_adapter) == "guard"  # no assistant worker: fallback
     assert Unlearner(object(), "local").effective_method(with_adapter) == "uld"
 
+
+@pytest.mark.parametrize("engine_kind", ["local", "vllm"])
+def test_a_uld_request_forbids_the_other_targets_names_in_the_gateway(kit, engine_kind):
+    """ULD, like ECO and GUARD, must not drift into another forgotten target's answer. Its names travel as an
+    in-process processor on both engines: lock-step decoding samples in the gateway (see the test above)."""
+    from gateway.registry.targets import UldPolicy
+    from gateway.unlearning import Unlearner, Verdict
+
+    carmen = Target(name="Carmen Montenegro", policy=UldPolicy(adapter="carmen-uld"))
+    verdict = Verdict(True, "uld", (carmen,), nearby=("Asha Majaliwa",))
+    served = Unlearner(kit, engine_kind, lockstep_uld=True).apply(verdict, chat(FORGET, 8))
+    assert served.assistant is not None and served.assistant.model == "carmen-uld"
+    assert "vllm_xargs" not in served.extra_body
+    (names,) = served.logits_processors
+    ids = kit.tokenizer(" Majaliwa", add_special_tokens=False)["input_ids"]
+    assert names([], ids[:-1], torch.zeros(names.tables.vocab_size))[ids[-1]] == -math.inf
 
 def test_logprob_token_ids_on_the_reference_worker(reference_worker):
     import httpx

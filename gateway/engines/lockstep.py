@@ -27,6 +27,7 @@ import torch
 from gateway.engines._decoding import TextStream, sample_next
 from gateway.engines.base import GenerationDelta, SamplingParams
 from gateway.errors import UpstreamError
+from policies.processors import LogitsProcessor, apply_processors
 from policies.uld import UldParams, combine_top_logprobs, lockstep_threshold, scores_tensor
 
 _JSON = {"content-type": "application/json"}
@@ -91,8 +92,10 @@ class LockstepULD:
         return combine_top_logprobs(target, assistant, self.params.weight, self.params.alpha, self.params.min_keep,
                                     self.params.gate)
 
-    async def generate(self, prompt_ids: list[int], sampling: SamplingParams,
-                       max_model_len: int | None = None) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, prompt_ids: list[int], sampling: SamplingParams, max_model_len: int | None = None,
+                       processors: Sequence[LogitsProcessor] = ()) -> AsyncIterator[GenerationDelta]:
+        """Decode in lock-step; ``processors`` (the gateway's own, e.g. the other targets' names) act on the
+        combined scores here, since the workers only report logprobs."""
         own_session = self._session is None
         session = self._session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=600))
         try:
@@ -108,7 +111,8 @@ class LockstepULD:
             vocab = len(self.tokenizer)
             while len(output) < budget:
                 combined = await self.step_scores(session, ids)
-                token = sample_next(scores_tensor(combined, vocab), sampling.temperature, sampling.top_p, generator)
+                scores = apply_processors(processors, prompt_ids, output, scores_tensor(combined, vocab))
+                token = sample_next(scores, sampling.temperature, sampling.top_p, generator)
                 output.append(token)
                 if token in self.eos_ids:
                     finish = "stop"

@@ -313,7 +313,7 @@ class VLLMEngine:
             raise BadRequest("a lock-step assistant cannot decode a prompt given as embeddings")
         lockstep = LockstepULD(LockstepWorkers(worker.url, self.assistant_url, model, assistant.model), tokenizer,
                                eos_ids, assistant.params, top_k=self._lockstep_top_k, session=self.session)
-        async for delta in lockstep.generate(prompt_ids, request.sampling):
+        async for delta in lockstep.generate(prompt_ids, request.sampling, processors=request.logits_processors):
             yield delta
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
