@@ -109,17 +109,20 @@ def forbid_nearby_names(kit, request: GenerationRequest, nearby: Sequence[str], 
     ``vllm_xargs`` for a vLLM worker (``xargs``), else as an in-process processor (the local engine, and ULD's
     lock-step decoding, which samples in the gateway).
 
-    Why: blinded to its own question, the model answers with some other memorised answer, and on the TOFU targets'
-    training examples 22% of ECO's answers were another forgotten author's ("Jad Ambrose Al-Shamary's commitment
-    ... true crime genre"): forgetting one target leaked another. Forbidding their names: 0%, with forget ROUGE-L
-    0.097 -> 0.098 and the retain twin's perplexity of the answers 1,496 -> 1,299. The gateway and ``eval
-    leakage`` both build ECO's guard here, so what is evaluated is what is served."""
+    Why: pushed off its own target's facts, the model answers with some other memorised answer, which may be another
+    forgotten target's ("Jad Ambrose Al-Shamary's commitment ... true crime genre"): forgetting one target leaked
+    another. On the TOFU targets' training examples 22% of ECO's answers and 3% of ULD's named another target; with
+    the names forbidden 0% for both (forget ROUGE-L 0.097 -> 0.101 and 0.178 -> 0.177). A name's first token is not
+    penalised, only its completion blocked: the soft first-token penalty GUARD gives a fact's phrases also changed
+    answers to keep prompts served with ULD as if flagged (ROUGE-L against the unguarded answer 1.0 -> 0.914, and
+    0.939 without it). The gateway and ``eval leakage`` both build the names here, so what is evaluated is what
+    is served."""
     if not nearby:
         return request
     from policies.guard import GuardParams
 
     groups = guard_fact_groups((), nearby)
-    params = GuardParams(semantic=False)  # the names' own tokens, nothing merely close to them
+    params = GuardParams(semantic=False, first_token_penalty=0.0)  # the names' own tokens, nothing close to them
     if xargs:
         return kit.guard_xargs_request(request, groups, params, generic)
     return kit.guard_processor_request(request, groups, params, generic)
