@@ -121,11 +121,8 @@ def forbid_nearby_names(kit, request: GenerationRequest, nearby: Sequence[str], 
         return request
     from policies.guard import GuardParams
 
-    groups = guard_fact_groups((), nearby)
     params = GuardParams(semantic=False, first_token_penalty=0.0)  # the names' own tokens, nothing close to them
-    if xargs:
-        return kit.guard_xargs_request(request, groups, params, generic)
-    return kit.guard_processor_request(request, groups, params, generic)
+    return kit.forbid_names_request(request, nearby, params, generic, xargs=xargs)
 
 
 def _conversation(messages: Sequence[Message]) -> list[dict[str, str]]:

@@ -533,6 +533,10 @@ class GuardBuilder:
     # ones request after request (0.1 ms each through the tokenizer: most of building a request's tables).
     _ids: dict[str, tuple[int, ...]] = field(default_factory=dict, init=False, repr=False)
 
+    # Names-only forbidden sets (``names_tables``, ``names_xargs``), per list of names: the same few lists recur
+    # request after request, and building one costs ~1 ms for 19 names, ~4 ms for 64.
+    _names: dict[tuple, tuple[GuardSet, dict[str, Any]]] = field(default_factory=dict, init=False, repr=False)
+
     def encode(self, text: str) -> list[int]:
         ids = self._ids.get(text)
         if ids is None:
@@ -618,6 +622,36 @@ class GuardBuilder:
         return compile_tables(self.vocab_size, found.tokens, found.phrases, params.token_penalty,
                               params.first_token_penalty, params.continuation_penalty, found.extra, device,
                               found.ngrams, params.ngram_penalty)
+
+    def _names_entry(self, names: Sequence[str], params: GuardParams,
+                     generic: frozenset[str] | None) -> tuple[GuardSet, dict[str, Any]]:
+        """A names-only set, independent of the prompt: names are entities, which GUARD forbids even when the
+        prompt says them. The dict holds its compiled forms, made on first use."""
+        key = (tuple(names), params, self.generic if generic is None else generic)
+        entry = self._names.get(key)
+        if entry is None:
+            if len(self._names) >= 1024:
+                self._names.clear()
+            entry = self._names[key] = (self.forbidden("", [[name] for name in names], params, generic), {})
+        return entry
+
+    def names_tables(self, names: Sequence[str], params: GuardParams,
+                     generic: frozenset[str] | None = None) -> GuardTables:
+        """Compiled tables forbidding ``names`` alone (cached; read-only once made)."""
+        found, compiled = self._names_entry(names, params, generic)
+        if "tables" not in compiled:
+            compiled["tables"] = compile_tables(self.vocab_size, found.tokens, found.phrases, params.token_penalty,
+                                                params.first_token_penalty, params.continuation_penalty,
+                                                found.extra, "cpu", found.ngrams, params.ngram_penalty)
+        return compiled["tables"]
+
+    def names_xargs(self, names: Sequence[str], params: GuardParams,
+                    generic: frozenset[str] | None = None) -> dict[str, Any]:
+        """``names_tables`` as flat ``vllm_xargs`` (a copy: callers may extend it)."""
+        found, compiled = self._names_entry(names, params, generic)
+        if "xargs" not in compiled:
+            compiled["xargs"] = xargs_for(found.tokens, found.phrases, params, found.ngrams)
+        return dict(compiled["xargs"])
 
     def processor(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams,
                   generic: frozenset[str] | None = None) -> GuardProcessor:

@@ -375,3 +375,21 @@ def test_uld_default_filter_keeps_uld_codes_floor_of_alpha_times_vocab():
     assistant[7] = 60.0
     assert int(combine(peaked, assistant, -0.8, 0.01, min_keep=0).argmax()) == 7
     assert int(combine(peaked, assistant, -0.8, 0.01, min_keep=None).argmax()) != 7
+
+
+def test_names_only_sets_are_cached_and_do_not_depend_on_the_prompt(tokenizer):
+    """ECO and ULD forbid the other targets' names on every flagged request; the set is the same whatever the
+    prompt says (names are entities, forbidden even when the user writes them), so it is built once per list."""
+    builder = GuardBuilder(tokenizer)
+    names = ["Ilse Drummond", "Tomas Verhoeven"]
+    params = GuardParams(semantic=False, first_token_penalty=0.0)
+    tables = builder.names_tables(names, params)
+    assert builder.names_tables(list(names), params) is tables
+    for prompt in ("", "Did Ilse Drummond ever meet Tomas Verhoeven?", QUESTION):
+        built = builder.tables(prompt, [[name] for name in names], params)
+        for field in ("static", "prefixes", "care", "next_tokens", "continuation"):
+            assert torch.equal(getattr(built, field), getattr(tables, field)), (prompt, field)
+    xargs = builder.names_xargs(names, params)
+    assert xargs == builder.xargs(QUESTION, [[name] for name in names], params)
+    xargs["guard_mode"] = "soft"  # a caller's copy: the cache is untouched
+    assert builder.names_xargs(names, params)["guard_mode"] == "hard"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from gateway.engines.base import Assistant, EmbedsPart, GenerationRequest, Message
 from policies.eco import EcoParams, EmbedLookup, OffsetTokenizer, Span, corrupted_content, name_spans
-from policies.guard import GuardBuilder, GuardParams, SentenceEncode, VocabEmbeddings
+from policies.guard import GuardBuilder, GuardParams, GuardProcessor, SentenceEncode, VocabEmbeddings
 from policies.uld import UldParams, combiner
 
 if TYPE_CHECKING:
@@ -90,6 +90,16 @@ class PolicyKit:
         extra = dict(request.extra_body)
         extra["vllm_xargs"] = {**extra.get("vllm_xargs", {}), **xargs}
         return replace(request, extra_body=extra)
+
+    def forbid_names_request(self, request: GenerationRequest, names: Sequence[str], params: GuardParams,
+                             generic: frozenset[str] | None = None, *, xargs: bool) -> GenerationRequest:
+        """Forbid ``names`` alone (a cached, prompt-independent GUARD set): as ``vllm_xargs`` or a processor."""
+        if xargs:
+            extra = dict(request.extra_body)
+            extra["vllm_xargs"] = {**extra.get("vllm_xargs", {}), **self.guard.names_xargs(names, params, generic)}
+            return replace(request, extra_body=extra)
+        processor = GuardProcessor(self.guard.names_tables(names, params, generic), params.include_prompt)
+        return replace(request, logits_processors=[*request.logits_processors, processor])
 
     # -- ULD ---------------------------------------------------------------------------------------------------
     @staticmethod
