@@ -185,10 +185,8 @@ class EncoderGate:
         off and send every window with a shared word to the encoder."""
         if self.static_rows is None:
             return -math.inf
-        split = [words(text) for _, _, text in positives]
-        kept = [(t, row, w) for (t, row, _), w in zip(positives, split, strict=True) if t in self.candidates(w)]
-        if not kept:
-            kept = [(t, row, w) for (t, row, _), w in zip(positives, split, strict=True) if w]
+        usable = [(t, row, w) for t, row, text in positives if (w := words(text))]
+        kept = [(t, row, w) for t, row, w in usable if t in self.candidates(w)] or usable
         if not kept:
             return -math.inf
         vectors = self.static.embed_words([w for _, _, w in kept], remember=False)  # type: ignore[union-attr]

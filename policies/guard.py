@@ -618,7 +618,9 @@ class GuardBuilder:
 
     def tables(self, prompt: str, facts_by_target: Sequence[Sequence[str]], params: GuardParams,
                device: torch.device | str = "cpu", generic: frozenset[str] | None = None) -> GuardTables:
-        found = self.forbidden(prompt, facts_by_target, params, generic)
+        return self._compile(self.forbidden(prompt, facts_by_target, params, generic), params, device)
+
+    def _compile(self, found: GuardSet, params: GuardParams, device: torch.device | str = "cpu") -> GuardTables:
         return compile_tables(self.vocab_size, found.tokens, found.phrases, params.token_penalty,
                               params.first_token_penalty, params.continuation_penalty, found.extra, device,
                               found.ngrams, params.ngram_penalty)
@@ -640,9 +642,7 @@ class GuardBuilder:
         """Compiled tables forbidding ``names`` alone (cached; read-only once made)."""
         found, compiled = self._names_entry(names, params, generic)
         if "tables" not in compiled:
-            compiled["tables"] = compile_tables(self.vocab_size, found.tokens, found.phrases, params.token_penalty,
-                                                params.first_token_penalty, params.continuation_penalty,
-                                                found.extra, "cpu", found.ngrams, params.ngram_penalty)
+            compiled["tables"] = self._compile(found, params)
         return compiled["tables"]
 
     def names_xargs(self, names: Sequence[str], params: GuardParams,

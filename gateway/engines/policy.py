@@ -80,31 +80,36 @@ class PolicyKit:
     def guard_processor_request(self, request: GenerationRequest, facts_by_target: Sequence[Sequence[str]],
                                 params: GuardParams, generic: frozenset[str] | None = None) -> GenerationRequest:
         prompt = last_user_text(request.messages or []) if request.messages is not None else (request.prompt or "")
-        processor = self.guard.processor(prompt, facts_by_target, params, generic)
-        return replace(request, logits_processors=[*request.logits_processors, processor])
+        return _with_processor(request, self.guard.processor(prompt, facts_by_target, params, generic))
 
     def guard_xargs_request(self, request: GenerationRequest, facts_by_target: Sequence[Sequence[str]],
                             params: GuardParams, generic: frozenset[str] | None = None) -> GenerationRequest:
         prompt = last_user_text(request.messages or []) if request.messages is not None else (request.prompt or "")
-        xargs = self.guard.xargs(prompt, facts_by_target, params, generic)
-        extra = dict(request.extra_body)
-        extra["vllm_xargs"] = {**extra.get("vllm_xargs", {}), **xargs}
-        return replace(request, extra_body=extra)
+        return _with_xargs(request, self.guard.xargs(prompt, facts_by_target, params, generic))
 
     def forbid_names_request(self, request: GenerationRequest, names: Sequence[str], params: GuardParams,
                              generic: frozenset[str] | None = None, *, xargs: bool) -> GenerationRequest:
         """Forbid ``names`` alone (a cached, prompt-independent GUARD set): as ``vllm_xargs`` or a processor."""
         if xargs:
-            extra = dict(request.extra_body)
-            extra["vllm_xargs"] = {**extra.get("vllm_xargs", {}), **self.guard.names_xargs(names, params, generic)}
-            return replace(request, extra_body=extra)
+            return _with_xargs(request, self.guard.names_xargs(names, params, generic))
         processor = GuardProcessor(self.guard.names_tables(names, params, generic), params.include_prompt)
-        return replace(request, logits_processors=[*request.logits_processors, processor])
+        return _with_processor(request, processor)
 
     # -- ULD ---------------------------------------------------------------------------------------------------
     @staticmethod
     def uld_request(request: GenerationRequest, assistant_model: str, params: UldParams) -> GenerationRequest:
         return replace(request, assistant=Assistant(assistant_model, combiner(params), params))
+
+
+def _with_processor(request: GenerationRequest, processor) -> GenerationRequest:
+    return replace(request, logits_processors=[*request.logits_processors, processor])
+
+
+def _with_xargs(request: GenerationRequest, xargs: dict) -> GenerationRequest:
+    """``xargs`` added to the request's ``vllm_xargs`` (a GUARD set beside others: ECO's names, say)."""
+    extra = dict(request.extra_body)
+    extra["vllm_xargs"] = {**extra.get("vllm_xargs", {}), **xargs}
+    return replace(request, extra_body=extra)
 
 
 def sentence_rows(load: Callable[[], Encoder]) -> SentenceEncode:
