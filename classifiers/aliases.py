@@ -181,9 +181,11 @@ _PERSON = rf"{_NAME_WORD}(?:\s+{_NAME_WORD}){{1,4}}"
 # "Carlos Irwin Estévez (born September 3, 1965), known professionally as Charlie Sheen"
 _KNOWN_AS = re.compile(rf"^(?P<birth>{_PERSON})\s*\([^)]*\)\s*,?\s*(?:known\s+professionally|better\s+known|"
                        rf"professionally\s+known|known)\s+as\s+(?P<name>{_PERSON})")
-# "Meghan, Duchess of Sussex (born Rachel Meghan Markle; August 4, 1981)", "Sheen was born Carlos Irwin Estévez on"
+# "Meghan, Duchess of Sussex (; born Rachel Meghan Markle; August 4, 1981)", "Sheen was born Carlos Irwin Estévez on",
+# "Confucius (孔子; c. 551 – c. 479 BCE), born Kong Qiu (孔丘), was"
 _BORN_AS = re.compile(rf"(?P<subject>{_NAME_WORD}(?:,?\s+{_NAME_WORD}|\s+of\s+{_NAME_WORD}){{0,4}})\s*"
-                      rf"(?:\(\s*(?:born|née|né)|was\s+born)\s+(?P<birth>{_PERSON})(?=\s*(?:[;,)]|on\b|in\b))")
+                      rf"(?:\(\s*(?:[^()]*?;\s*)?(?:born|née|né)|was\s+born|\([^)]*\)\s*,\s*born)\s+(?P<birth>{_PERSON})"
+                      rf"(?=\s*(?:[;,()]|on\b|in\b))")
 _SUFFIX_WORDS = {"Jr.", "Jr", "Sr.", "Sr", "II", "III", "IV"}
 _PRONUNCIATION = re.compile(r"[A-Z]{2,}-|ə")  # "Houghton HOH-tən": a pronunciation guide, not a name
 

@@ -553,6 +553,12 @@ def test_birth_names_in_the_targets_own_texts_are_names_of_it():
     assert set(names) == {"Orla Marie Dupuis", "Orla Dupuis", "Orla M. Dupuis"}
     assert birth_names("Rachel Vantremont", ["Rachel Vantremont (born Anne Rachel Smit; 1951) drew maps."]) == (
         "Anne Rachel Smit", "Anne Smit", "Rachel Smit")  # she goes by her middle name
+    # a parenthetical after the name, then ", born ...": the birth name is followed by its own parenthetical
+    assert birth_names("Vantremontius", ["Vantremontius (Latin; c. 1550 – 1601), born Orla Voss (奥拉), was a sage."]
+                       ) == ("Orla Voss",)
+    # other notes before the birth name, up to a semicolon, inside the same parenthesis
+    assert birth_names("Orla, Duchess of Ghent", ["Orla, Duchess of Ghent (; born Anne Orla Smit; 1951) drew maps."]
+                       ) == ("Anne Orla Smit", "Anne Smit", "Orla Smit")
     orla = ORLA.model_copy(update={"facts": [*ORLA.facts, texts[0]]})
     matcher = LexicalMatcher({"orla": name_patterns(orla)})
     assert [(m.kind, m.target_id) for m in matcher.find(["What did Orla Dupuis chart?"])] == [("exact", "orla")]
