@@ -6,6 +6,7 @@ happen inside the functions so that ``unlearn-gateway --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ def eval_classifier(
     limit: Annotated[int | None, typer.Option(help="use only the first N targets (smoke runs)")] = None,
     max_items: Annotated[int | None, typer.Option(help="classify at most N prompts per split")] = None,
     fpr: Annotated[float, typer.Option(help="conformal false-positive bound of the learned stage")] = 0.01,
+    items: Annotated[Path | None, typer.Option(help="also write every classified prompt as a JSON line: its text, "
+                                                    "expected target, decision and top scores (error analysis)")]
+    = None,
 ) -> None:
     """Evaluate the classifier on TOFU, RWKU and Harry Potter following ARCHITECTURE §7."""
     from importlib.metadata import version
@@ -78,12 +82,14 @@ def eval_classifier(
         raise typer.BadParameter(f"no benchmark data at {data}", param_hint="--data")
     config = ClassifierConfig(fpr=fpr)
     reports, histograms = [], {}
-    for name in names:
-        report, hist = run_suite(name, data, config=config, progress=sys.stderr.isatty(), limit=limit,
-                                 max_items=max_items)
-        reports.append(report)
-        histograms[name] = hist
-        typer.echo(json.dumps({"suite": name, "goals": report["goals"]}, indent=2))
+    with contextlib.ExitStack() as stack:
+        items_out = stack.enter_context(items.open("w", encoding="utf-8")) if items else None
+        for name in names:
+            report, hist = run_suite(name, data, config=config, progress=sys.stderr.isatty(), limit=limit,
+                                     max_items=max_items, items_out=items_out)
+            reports.append(report)
+            histograms[name] = hist
+            typer.echo(json.dumps({"suite": name, "goals": report["goals"]}, indent=2))
     payload: dict[str, Any]
     if len(reports) == 1:
         payload = reports[0]
@@ -94,7 +100,7 @@ def eval_classifier(
     payload["version"] = version("unlearn-gateway")
     write_json_report(json_out, payload)
     md = write_report(json_out, reports, histograms)
-    typer.echo(f"wrote {json_out} and {md}")
+    typer.echo(f"wrote {json_out} and {md}" + (f", every prompt's decision in {items}" if items else ""))
 
 
 def bench_classifier(

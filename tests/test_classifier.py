@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
 import math
 import os
@@ -679,14 +680,29 @@ def test_tofu_evaluation_smoke(index: TargetIndex, tmp_path: Path):
     from classifiers.evaluation.report import write_report
     from classifiers.evaluation.runner import run_suite
 
+    items = io.StringIO()
     report, histograms = run_suite("tofu", DATA_DIR, config=ClassifierConfig(), progress=False, limit=3,
                                    max_items=25,
                                    index_factory=lambda targets, **kw: build_index(targets, encoder=index.encoder,
-                                                                                   config=kw.get("config")))
+                                                                                   config=kw.get("config")),
+                                   items_out=items)
     metrics = report["metrics"]
     assert report["config"]["targets"] == 3
     assert metrics["forget_heldback"]["recall"] > 0.5  # sanity only: names are in most held-back questions
     assert metrics["world_facts"]["fpr"] < 0.5
+    # every classified prompt is written once, and its verdicts add up to the split's figures
+    records = [json.loads(line) for line in items.getvalue().splitlines()]
+    splits = {name: m for name, m in metrics.items() if "kind" in m}
+    assert len(records) == sum(m["n"] for m in splits.values())
+    by_split: dict[str, list[dict]] = {}
+    for record in records:
+        by_split.setdefault(record["split"], []).append(record)
+    held = by_split["forget_heldback"]
+    assert all(r["expected"] and r["text"] for r in held)
+    assert np.mean([r["correct"] for r in held]) == pytest.approx(metrics["forget_heldback"]["recall"])
+    world = by_split["world_facts"]
+    assert np.mean([not r["correct"] for r in world]) == pytest.approx(metrics["world_facts"]["fpr"])
+    assert all(r["correct"] == (r["expected"] in r["targets"]) for r in held)
     md = write_report(tmp_path / "smoke.json", [report], {"tofu": histograms})
     assert md.exists() and (tmp_path / "smoke-tofu-splits.png").exists()
 

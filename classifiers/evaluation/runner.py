@@ -13,17 +13,18 @@ the probes that neither name nor ask for an active target, and all three figures
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
 from classifiers.batching import classify_batch
 from classifiers.evaluation import suites
-from classifiers.evaluation.suites import Split, Suite
+from classifiers.evaluation.suites import Item, Split, Suite
 from classifiers.index import ClassifierConfig, Decision, TargetIndex, build_index
 
 GOALS: dict[str, dict[str, tuple[str, float]]] = {
@@ -119,10 +120,27 @@ def _goals(suite: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def item_record(suite: str, split: Split, item: Item, decision: Decision, top: int = 5) -> dict[str, Any]:
+    """One classified prompt for error analysis: what it is, what was expected, what was decided. ``correct`` is
+    whether the decision is right for its split (its own target flagged for recall splits, nothing flagged for
+    false-positive splits; None for the splits that only report a flag rate)."""
+    if split.kind == "recall":
+        correct: bool | None = item.target in decision.targets
+    else:
+        correct = not decision.flagged if split.kind == "fpr" else None
+    best = sorted(decision.scores.items(), key=lambda kv: -kv[1])[:top]
+    return {"suite": suite, "split": split.name, "kind": split.kind, "text": item.text, "expected": item.target,
+            "meta": item.meta, "correct": correct, "flagged": decision.flagged, "targets": decision.targets,
+            "stage": decision.stage, "scores": {t: round(s, 6) for t, s in best},
+            "spans": [list(s) for s in decision.spans]}
+
+
 def run_suite(name: str, data_dir: Path, config: ClassifierConfig | None = None, progress: bool = True,
               batch: int = 64, limit: int | None = None, max_items: int | None = None,
-              index_factory: Callable[..., TargetIndex] = build_index) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return (report, histogram data) for one suite."""
+              index_factory: Callable[..., TargetIndex] = build_index,
+              items_out: TextIO | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (report, histogram data) for one suite; with ``items_out``, also write every classified prompt
+    there as a JSON line (``item_record``)."""
     suite = suites.load(name, data_dir, limit=limit)
     started = time.perf_counter()
     index = index_factory(suite.targets, config=config, progress=progress)
@@ -139,6 +157,9 @@ def run_suite(name: str, data_dir: Path, config: ClassifierConfig | None = None,
         classify_s += time.perf_counter() - started
         classified += len(items)
         metrics[split.name], histograms[split.name] = _split_metrics(split, decisions, suite)
+        if items_out is not None:
+            for item, decision in zip(items, decisions, strict=True):
+                items_out.write(json.dumps(item_record(name, split, item, decision), ensure_ascii=False) + "\n")
     if name == "tofu":
         metrics["real_authors+world_facts"] = {"n": metrics["real_authors"]["n"] + metrics["world_facts"]["n"],
                                                "fpr": _combined(metrics, ["real_authors", "world_facts"], "fpr")}
