@@ -82,8 +82,7 @@ def eval_classifier(
         raise typer.BadParameter(f"no benchmark data at {data}", param_hint="--data")
     config = ClassifierConfig(fpr=fpr)
     reports, histograms = [], {}
-    with contextlib.ExitStack() as stack:
-        items_out = stack.enter_context(items.open("w", encoding="utf-8")) if items else None
+    with items.open("w", encoding="utf-8") if items else contextlib.nullcontext() as items_out:
         for name in names:
             report, hist = run_suite(name, data, config=config, progress=sys.stderr.isatty(), limit=limit,
                                      max_items=max_items, items_out=items_out)

@@ -55,6 +55,11 @@ def _classify_all(index: TargetIndex, texts: list[str], batch: int, progress: bo
     return out
 
 
+def _caught(item: Item, decision: Decision) -> bool:
+    """A recall item counts only when its own target is among the flagged ones."""
+    return item.target in decision.targets
+
+
 def _rate(flags: list[bool]) -> float:
     return float(np.mean(flags)) if flags else 0.0
 
@@ -64,7 +69,7 @@ def _split_metrics(split: Split, decisions: list[Decision], suite: Suite) -> tup
     stages = Counter(d.stage for d in decisions if d.flagged)
     m["stages"] = dict(stages)
     if split.kind == "recall":
-        hits = [i.target in d.targets for i, d in zip(split.items, decisions, strict=True)]
+        hits = [_caught(i, d) for i, d in zip(split.items, decisions, strict=True)]
         m["recall"] = _rate(hits)
         m["any_flag"] = _rate([d.flagged for d in decisions])
         scores = [d.scores.get(i.target or "", 0.0) for i, d in zip(split.items, decisions, strict=True)]
@@ -121,18 +126,18 @@ def _goals(suite: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def item_record(suite: str, split: Split, item: Item, decision: Decision, top: int = 5) -> dict[str, Any]:
-    """One classified prompt for error analysis: what it is, what was expected, what was decided. ``correct`` is
-    whether the decision is right for its split (its own target flagged for recall splits, nothing flagged for
-    false-positive splits; None for the splits that only report a flag rate)."""
+    """One classified prompt for error analysis: what it is, what was expected, and the decision as
+    ``POST /admin/classify`` answers it (scores cut to the ``top`` best). ``correct`` is whether the decision is
+    right for its split (its own target flagged for recall splits, nothing flagged for false-positive splits; None
+    for the splits that only report a flag rate)."""
     if split.kind == "recall":
-        correct: bool | None = item.target in decision.targets
+        correct: bool | None = _caught(item, decision)
     else:
         correct = not decision.flagged if split.kind == "fpr" else None
-    best = sorted(decision.scores.items(), key=lambda kv: -kv[1])[:top]
+    answer = decision.as_dict()
+    answer["scores"] = dict(sorted(answer["scores"].items(), key=lambda kv: -kv[1])[:top])
     return {"suite": suite, "split": split.name, "kind": split.kind, "text": item.text, "expected": item.target,
-            "meta": item.meta, "correct": correct, "flagged": decision.flagged, "targets": decision.targets,
-            "stage": decision.stage, "scores": {t: round(s, 6) for t, s in best},
-            "spans": [list(s) for s in decision.spans]}
+            "meta": item.meta, "correct": correct} | answer
 
 
 def run_suite(name: str, data_dir: Path, config: ClassifierConfig | None = None, progress: bool = True,
